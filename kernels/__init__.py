@@ -1,0 +1,28 @@
+"""mhla_kernels: the Multi-Head Linear Attention operator (no torch.distributed here).
+
+    from mhla_kernels import mhla, mhla_reference
+    o = mhla(q, k, v, mixing, block_size, causal=True)
+
+See DESIGN §1 for the math and §4 for the contract.
+"""
+
+from .decode import MHLADecodeState, mhla_decode_step
+from .functional import BACKENDS, mhla
+from .mixing import block_grid_mixing, causal_mixing
+from .reference import mhla_reference
+from .stages import block_outputs, block_summaries, mix_summaries
+from .validation import check_values
+
+__all__ = [
+    "BACKENDS",
+    "MHLADecodeState",
+    "block_grid_mixing",
+    "block_outputs",
+    "block_summaries",
+    "causal_mixing",
+    "check_values",
+    "mhla",
+    "mhla_decode_step",
+    "mhla_reference",
+    "mix_summaries",
+]

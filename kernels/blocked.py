@@ -1,0 +1,154 @@
+"""Blocked MHLA in PyTorch, on a heads-first layout.
+
+Everything here works on `[B, H, M, C, d]` block views (heads first so every product is
+a plain batched matmul on contiguous trailing dims) and accumulates in float32, or in
+float64 when an input is float64. Memory stays O(N H d + M H d dv): no N x N matrix, and
+for causal blocks larger than `MAX_SINGLE_CHUNK` tokens no C x C matrix either, because
+the intra-block term (itself causal linear attention weighted by `Mc[i, i]`) runs over
+sub-chunks of `SUBCHUNK` tokens with a running state.
+
+The public, token-major stage functions live in `stages.py`; `mhla` in `functional.py`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+SUBCHUNK = 64
+# Blocks up to this size are one sub-chunk: a C x C tile this small is cheaper than the
+# extra state it would take to split it.
+MAX_SINGLE_CHUNK = 128
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def to_blocks(x: torch.Tensor, block_size: int, num_blocks: int, dtype: torch.dtype) -> torch.Tensor:
+    """`[B, N, H, d]` -> `[B, H, M, C, d]` in `dtype`, zero-padding a ragged last block.
+
+    Zero keys and values contribute nothing (the feature map was applied before), and
+    outputs of padded queries are sliced off by the caller.
+    """
+    x = x.to(dtype).transpose(1, 2)
+    pad = num_blocks * block_size - x.shape[2]
+    x = F.pad(x, (0, 0, 0, pad)) if pad else x.contiguous()
+    b, h, _, d = x.shape
+    return x.view(b, h, num_blocks, block_size, d)
+
+
+def from_blocks(o: torch.Tensor, tokens: int, dtype: torch.dtype) -> torch.Tensor:
+    """`[B, H, M, C, dv]` -> `[B, N, H, dv]` in `dtype`."""
+    b, h, m, c, dv = o.shape
+    return o.reshape(b, h, m * c, dv)[:, :, :tokens].transpose(1, 2).to(dtype).contiguous()
+
+
+def mixing_rows(
+    mixing: torch.Tensor, row_start: int, num_rows: int, num_cols: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Rows `[row_start, row_start + num_rows)` and the leading `num_cols` columns of
+    `mixing`, as `[1 or H, R, M]`."""
+    rows = mixing[..., row_start : row_start + num_rows, :num_cols].to(dtype)
+    return rows if rows.dim() == 3 else rows.unsqueeze(0)
+
+
+def mixing_diagonal(mixing: torch.Tensor, row_start: int, num_rows: int, dtype: torch.dtype):
+    """`Mc[i, i]` for the rows `[row_start, row_start + num_rows)`, as `[1 or H, R]`."""
+    idx = torch.arange(row_start, row_start + num_rows, device=mixing.device)
+    diag = mixing[..., idx, idx].to(dtype)
+    return diag if diag.dim() == 2 else diag.unsqueeze(0)
+
+
+def summaries(kb: torch.Tensor, vb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-block `S = sum k v^T` `[..., d, dv]` and `z = sum k` `[..., d]` over the token dim."""
+    return kb.transpose(-1, -2) @ vb, kb.sum(-2)
+
+
+def mix(
+    s: torch.Tensor, z: torch.Tensor, rows: torch.Tensor, *, causal: bool, row_start: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`T_i = sum_b Mc[i, b] S_b`, `y_i = sum_b Mc[i, b] z_b` for the given rows.
+
+    s: `[B, H, M, d, dv]`, z: `[B, H, M, d]`, rows: `[1 or H, R, M]` (global rows
+    `row_start..`). Causal keeps only `b < i`: the diagonal block is the intra-block term.
+    """
+    if causal:
+        r = torch.arange(rows.shape[1], device=rows.device) + row_start
+        col = torch.arange(rows.shape[2], device=rows.device)
+        rows = rows * (col[None, :] < r[:, None])
+    b, h, m, d, dv = s.shape
+    t = (rows.unsqueeze(0) @ s.reshape(b, h, m, d * dv)).view(b, h, -1, d, dv)
+    return t, rows.unsqueeze(0) @ z
+
+
+def subchunk_size(block_size: int) -> int:
+    return block_size if block_size <= MAX_SINGLE_CHUNK else SUBCHUNK
+
+
+def to_subchunks(xb: torch.Tensor, chunk: int) -> torch.Tensor:
+    """`[B, H, M, C, d]` -> `[B, H, M, nc, c, d]`, zero-padding each block to a multiple of c."""
+    b, h, m, c, d = xb.shape
+    pad = -c % chunk
+    if pad:
+        xb = F.pad(xb, (0, 0, 0, pad))
+    return xb.reshape(b, h, m, (c + pad) // chunk, chunk, d)
+
+
+def noncausal_outputs(qb, t, y, *, normalize: bool, eps: float, scale: float):
+    """Block outputs without masking: `o_t = q_t^T T_i [/ (q_t^T y_i + eps)]`."""
+    num = qb @ t
+    if not normalize:
+        return num * scale
+    return num / (qb @ y.unsqueeze(-1) + eps)
+
+
+def causal_outputs(qc, kc, vc, u_kv, u_k, t, y, diag, *, normalize: bool, eps: float, scale: float):
+    """Causal block outputs over sub-chunks.
+
+    qc, kc, vc: `[B, H, M, nc, c, *]`; u_kv, u_k: the sub-chunk summaries of kc, vc;
+    t, y: the strictly-lower mix `[B, H, M, d, dv]`, `[B, H, M, d]`; diag: `Mc[i, i]`
+    as `[1 or H, M]`. Token `t` in sub-chunk `j` of block `i` sees the mixed prefix
+    `T_i`, plus `Mc[i, i]` times the earlier sub-chunks' state and its own sub-chunk's
+    masked scores. Returns `[B, H, M, nc, c, dv]`.
+    """
+    c = qc.shape[-2]
+    w = diag.reshape(1, diag.shape[0], diag.shape[1], 1, 1, 1)
+    # Exclusive cumulative sum over the sub-chunks of each block.
+    prev_kv = F.pad(u_kv.cumsum(3)[:, :, :, :-1], (0, 0, 0, 0, 1, 0))
+    num = qc @ (t.unsqueeze(3) + w * prev_kv)
+    mask = torch.ones(c, c, dtype=torch.bool, device=qc.device).tril()
+    scores = (qc @ kc.transpose(-1, -2)) * (mask * w)
+    num = num + scores @ vc
+    if not normalize:
+        return num * scale
+    prev_k = F.pad(u_k.cumsum(3)[:, :, :, :-1], (0, 0, 1, 0))
+    den = qc @ (y.unsqueeze(3) + w[..., 0] * prev_k).unsqueeze(-1) + scores.sum(-1, keepdim=True)
+    return num / (den + eps)
+
+
+def merge_subchunks(o: torch.Tensor, block_size: int) -> torch.Tensor:
+    """`[B, H, M, nc, c, dv]` -> `[B, H, M, C, dv]`, dropping the sub-chunk padding."""
+    b, h, m, nc, c, dv = o.shape
+    return o.reshape(b, h, m, nc * c, dv)[:, :, :, :block_size]
+
+
+def mhla_blocked(q, k, v, mixing, block_size, num_blocks, *, causal, normalize, eps, scale):
+    """Single-device MHLA: summaries, mix and outputs fused so causal sums k v^T once."""
+    dtype = compute_dtype(q, k, v)
+    qb, kb, vb = (to_blocks(x, block_size, num_blocks, dtype) for x in (q, k, v))
+    rows = mixing_rows(mixing, 0, num_blocks, num_blocks, dtype)
+    if not causal:
+        s, z = summaries(kb, vb)
+        t, y = mix(s, z, rows, causal=False, row_start=0)
+        o = noncausal_outputs(qb, t, y, normalize=normalize, eps=eps, scale=scale)
+    else:
+        chunk = subchunk_size(block_size)
+        qc, kc, vc = (to_subchunks(x, chunk) for x in (qb, kb, vb))
+        u_kv, u_k = summaries(kc, vc)
+        t, y = mix(u_kv.sum(3), u_k.sum(3), rows, causal=True, row_start=0)
+        diag = rows.diagonal(dim1=-2, dim2=-1)
+        o = causal_outputs(qc, kc, vc, u_kv, u_k, t, y, diag, normalize=normalize, eps=eps,
+                           scale=scale)
+        o = merge_subchunks(o, block_size)
+    return from_blocks(o, q.shape[1], v.dtype)

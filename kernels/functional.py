@@ -1,0 +1,69 @@
+"""The public MHLA operator: `mhla(q, k, v, mixing, block_size, ...)` (DESIGN §4)."""
+
+from __future__ import annotations
+
+import torch
+
+from .blocked import mhla_blocked
+from .validation import check_shapes, check_values
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend for `backend` on `device` ("auto" picks the fastest present)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {', '.join(map(repr, BACKENDS))}")
+    if backend == "triton":
+        raise NotImplementedError(
+            "backend='triton' is not available yet; use backend='torch' (or 'auto')"
+        )
+    return "torch"
+
+
+def mhla(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mixing: torch.Tensor,
+    block_size: int,
+    *,
+    causal: bool = False,
+    normalize: bool = True,
+    eps: float = 1e-6,
+    scale: float | None = None,
+    backend: str = "auto",
+    check_inputs: bool = False,
+) -> torch.Tensor:
+    """Multi-Head Linear Attention.
+
+    The `N` tokens form `M = ceil(N / block_size)` blocks; block `i`'s tokens read the
+    mixture `sum_b Mc[i, b] S_b` of the blocks' key-value summaries (causal: `b < i`,
+    plus the masked intra-block term weighted by `Mc[i, i]`).
+
+    Args:
+        q, k: `[B, N, H, d]`, already passed through the feature map.
+        v: `[B, N, H, dv]`.
+        mixing: `Mc`, `[M, M]` shared by all heads or `[H, M, M]` per head; a larger
+            matrix (sized for `max_seq_len`) uses its leading `M x M` corner. Causal
+            ignores the entries above the diagonal.
+        block_size: tokens per block `C`; the last block may be ragged.
+        normalize: divide by `q_t^T y_i + eps`. The denominator is only safe for
+            non-negative q and k (and mixing): a feature map with negative outputs can
+            drive it to zero. `check_inputs=True` verifies this (an extra pass over q
+            and k, so it is off by default).
+        scale: factor of the unnormalised output, default `d ** -0.5`; unused when
+            `normalize=True`.
+        backend: "auto" | "torch" | "triton".
+    Returns:
+        `[B, N, H, dv]` in v's dtype; accumulation is float32 (float64 for float64).
+    """
+    shape = check_shapes(q, k, v, mixing, block_size)
+    if check_inputs:
+        check_values(q, k, normalize=normalize)
+    resolve_backend(backend, q.device)
+    scale = shape.head_dim**-0.5 if scale is None else scale
+    return mhla_blocked(
+        q, k, v, mixing, block_size, shape.num_blocks,
+        causal=causal, normalize=normalize, eps=eps, scale=scale,
+    )

@@ -1,0 +1,1 @@
+"""mhla-dist: distributed training for long-sequence MHLA models."""
