@@ -25,7 +25,9 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def to_blocks(x: torch.Tensor, block_size: int, num_blocks: int, dtype: torch.dtype) -> torch.Tensor:
+def to_blocks(
+    x: torch.Tensor, block_size: int, num_blocks: int, dtype: torch.dtype
+) -> torch.Tensor:
     """`[B, N, H, d]` -> `[B, H, M, C, d]` in `dtype`, zero-padding a ragged last block.
 
     Zero keys and values contribute nothing (the feature map was applied before), and

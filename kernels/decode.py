@@ -118,11 +118,11 @@ def mhla_decode_step(
     """
     c, t = state.block_size, state.position
     block = t // c
-    if block >= state.max_blocks or block >= mixing.shape[-1]:
+    limit = min(state.max_blocks, mixing.shape[-1])
+    if block >= limit:
         raise ValueError(
-            f"token {t} falls in block {block}, beyond the {min(state.max_blocks, mixing.shape[-1])}"
-            f" blocks of the mixing matrix (max_seq_len = blocks x block_size = "
-            f"{min(state.max_blocks, mixing.shape[-1]) * c})"
+            f"token {t} falls in block {block}, beyond the {limit} blocks of the mixing "
+            f"matrix (max_seq_len = blocks x block_size = {limit * c})"
         )
     b, h, d = state.current_k.shape
     if q.shape != (b, h, d) or k.shape != (b, h, d) or v.shape[:2] != (b, h):
