@@ -7,7 +7,8 @@ for causal blocks larger than `MAX_SINGLE_CHUNK` tokens no C x C matrix either, 
 the intra-block term (itself causal linear attention weighted by `Mc[i, i]`) runs over
 sub-chunks of `SUBCHUNK` tokens with a running state.
 
-The public, token-major stage functions live in `stages.py`; `mhla` in `functional.py`.
+The public, token-major stage functions live in `stages.py`; the single-device operator,
+which runs these pieces over slabs of blocks to bound memory, in `torch_function.py`.
 """
 
 from __future__ import annotations
@@ -135,21 +136,19 @@ def merge_subchunks(o: torch.Tensor, block_size: int) -> torch.Tensor:
     return o.reshape(b, h, m, nc * c, dv)[:, :, :, :block_size]
 
 
-def mhla_blocked(q, k, v, mixing, block_size, num_blocks, *, causal, normalize, eps, scale):
-    """Single-device MHLA: summaries, mix and outputs fused so causal sums k v^T once."""
-    dtype = compute_dtype(q, k, v)
-    qb, kb, vb = (to_blocks(x, block_size, num_blocks, dtype) for x in (q, k, v))
-    rows = mixing_rows(mixing, 0, num_blocks, num_blocks, dtype)
+def outputs(q, k, v, t, y, diag, block_size, *, causal, normalize, eps, scale):
+    """Outputs of the tokens `q, k, v` `[B, n, H, *]` (whole blocks but a ragged last one)
+    from their blocks' mixed summaries `t` `[B, H, m, d, dv]`, `y` `[B, H, m, d]` and, when
+    causal, `diag` = `Mc[i, i]` `[1 or H, m]`. Returns `[B, n, H, dv]` in v's dtype."""
+    dtype = t.dtype
+    m = t.shape[2]
+    qb, kb, vb = (to_blocks(x, block_size, m, dtype) for x in (q, k, v))
     if not causal:
-        s, z = summaries(kb, vb)
-        t, y = mix(s, z, rows, causal=False, row_start=0)
         o = noncausal_outputs(qb, t, y, normalize=normalize, eps=eps, scale=scale)
     else:
         chunk = subchunk_size(block_size)
         qc, kc, vc = (to_subchunks(x, chunk) for x in (qb, kb, vb))
         u_kv, u_k = summaries(kc, vc)
-        t, y = mix(u_kv.sum(3), u_k.sum(3), rows, causal=True, row_start=0)
-        diag = rows.diagonal(dim1=-2, dim2=-1)
         o = causal_outputs(qc, kc, vc, u_kv, u_k, t, y, diag, normalize=normalize, eps=eps,
                            scale=scale)
         o = merge_subchunks(o, block_size)

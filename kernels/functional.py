@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .blocked import mhla_blocked
+from .torch_function import mhla_torch
 from .validation import check_shapes, check_values
 
 BACKENDS = ("auto", "torch", "triton")
@@ -63,7 +63,7 @@ def mhla(
         check_values(q, k, normalize=normalize)
     resolve_backend(backend, q.device)
     scale = shape.head_dim**-0.5 if scale is None else scale
-    return mhla_blocked(
+    return mhla_torch(
         q, k, v, mixing, block_size, shape.num_blocks,
         causal=causal, normalize=normalize, eps=eps, scale=scale,
     )

@@ -103,17 +103,8 @@ def block_outputs(
         )
     scale = d**-0.5 if scale is None else scale
     dtype = blocked.compute_dtype(q, k, v, t)
-    qb, kb, vb = (blocked.to_blocks(x, block_size, m, dtype) for x in (q, k, v))
-    th, yh = t.transpose(1, 2).to(dtype), y.transpose(1, 2).to(dtype)
-    if not causal:
-        o = blocked.noncausal_outputs(qb, th, yh, normalize=normalize, eps=eps, scale=scale)
-    else:
-        chunk = blocked.subchunk_size(block_size)
-        qc, kc, vc = (blocked.to_subchunks(x, chunk) for x in (qb, kb, vb))
-        u_kv, u_k = blocked.summaries(kc, vc)
-        diag = blocked.mixing_diagonal(mixing, block_start, m, dtype)
-        o = blocked.causal_outputs(
-            qc, kc, vc, u_kv, u_k, th, yh, diag, normalize=normalize, eps=eps, scale=scale
-        )
-        o = blocked.merge_subchunks(o, block_size)
-    return blocked.from_blocks(o, q.shape[1], v.dtype)
+    diag = blocked.mixing_diagonal(mixing, block_start, m, dtype) if causal else None
+    return blocked.outputs(
+        q, k, v, t.transpose(1, 2).to(dtype), y.transpose(1, 2).to(dtype), diag, block_size,
+        causal=causal, normalize=normalize, eps=eps, scale=scale,
+    )

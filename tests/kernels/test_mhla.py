@@ -85,3 +85,33 @@ def test_mhla_explicit_scale_for_unnormalised():
     default = mhla(q, k, v, mixing, 8, normalize=False)
     assert rel_err(default, base * 4**-0.5) < 1e-14
     assert rel_err(base, mhla_reference(q, k, v, mixing, 8, normalize=False, scale=1.0)) < 1e-12
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2], SHAPES[4]], ids=[IDS[0], IDS[2], IDS[4]])
+def test_mhla_over_many_slabs_matches_reference(monkeypatch, shape, causal):
+    """The forward runs, and the backward recomputes, over slabs of whole blocks: with
+    tiny slabs every sequence spans several (and a block larger than a slab is its own)."""
+    from mhla_kernels import torch_function
+
+    monkeypatch.setattr(torch_function, "SLAB_TOKENS", 32)
+    b, n, h, d, dv, c, per_head = shape
+    assert len(torch_function.slab_ranges(-(-n // c), c)) > 1
+    inputs = [t.requires_grad_() for t in make_inputs(b, n, h, d, dv, c, per_head=per_head)]
+    out = mhla(*inputs, c, causal=causal)
+    ref = mhla_reference(*inputs, c, causal=causal)
+    assert rel_err(out, ref) < 1e-10
+    for name, ga, gr in zip("q k v mixing".split(), _grads(out, inputs), _grads(ref, inputs),
+                            strict=True):
+        err = rel_err(ga, gr, floor=1e-3)
+        assert err < 1e-10, f"d{name} rel err {err:.2e}"
+
+
+def test_mhla_gradient_of_only_some_inputs():
+    q, k, v, mixing = make_inputs(1, 70, 2, 4, 4, 16)
+    q.requires_grad_()
+    out = mhla(q, k, v, mixing, 16, causal=True)
+    ref = mhla_reference(q, k, v, mixing, 16, causal=True)
+    (gq,) = _grads(out, [q])
+    (gr,) = _grads(ref, [q])
+    assert rel_err(gq, gr) < 1e-10
