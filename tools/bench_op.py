@@ -1,0 +1,315 @@
+"""Benchmark the MHLA operator against SDPA and plain linear attention.
+
+    python tools/bench_op.py                    # CPU, causal, N = 1K..64K, both sweeps
+    python tools/bench_op.py --quick            # N = 1K..4K, a few seconds
+    python tools/bench_op.py --device cuda --dtype bfloat16 --non-causal
+
+Two sweeps show where the cost comes from: `fixed-block` keeps the block size (M grows
+with N, so the M^2 mix grows), `fixed-count` keeps the number of blocks (the operator is
+then linear in N). Baselines: `sdpa` (torch's scaled_dot_product_attention; on CPU it stops
+at --sdpa-max-n because its O(N^2) time, not its memory, runs away; on GPU it stops where
+it runs out of memory) and `linear` (plain linear attention: MHLA with one block, the
+identity of DESIGN §1).
+
+Each measurement runs in a fresh child process. On CPU the children run with
+MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000: otherwise glibc hands every
+buffer over 32 MB back to the OS after use, each large-N step page-faults its memory in
+again, and the timing measures the allocator, not the operator. Peak memory is the
+resident-set high-water mark of the first forward+backward (CPU) or
+`torch.cuda.max_memory_allocated` (GPU), over the memory before the inputs were made;
+`peak/io` divides it by the bytes of q, k, v, o and their gradients.
+
+Prints a table, writes JSON and a log-log PNG of time vs N (default under
+benchmarks/results/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("bench_op")
+MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "100000000000"}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------- child: one measurement
+def _rss(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def measure(spec: dict) -> dict:
+    import torch
+    import torch.nn.functional as F
+    from mhla_kernels import mhla
+
+    device, dtype = torch.device(spec["device"]), getattr(torch, spec["dtype"])
+    b, n, h, d = spec["batch"], spec["n"], spec["heads"], spec["dim"]
+    causal, variant = spec["causal"], spec["variant"]
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    mem_before = torch.cuda.memory_allocated() if cuda else _rss("VmRSS")
+
+    shape = (b, h, n, d) if variant == "sdpa" else (b, n, h, d)
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.rand(shape, generator=g, device=device, dtype=dtype).requires_grad_()
+               for _ in range(3))
+    do = torch.randn(shape, generator=g, device=device, dtype=dtype)
+
+    if variant == "sdpa":
+        def run():
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    else:
+        c = spec["block_size"] if variant.startswith("mhla") else n
+        m = -(-n // c)
+        mixing = torch.rand(m, m, generator=g, device=device, dtype=torch.float32)
+        mixing.requires_grad_()
+        backend = variant.split("-", 1)[1] if variant.startswith("mhla") else "torch"
+
+        def run():
+            return mhla(q, k, v, mixing, c, causal=causal, backend=backend)
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the resident-set high-water mark
+    try:
+        run().backward(do)
+        sync()
+    except (torch.cuda.OutOfMemoryError, MemoryError):
+        return {"status": "oom"}
+    peak = (torch.cuda.max_memory_allocated() if cuda else _rss("VmHWM")) - mem_before
+
+    def timed(fn) -> float:
+        times = []
+        for _ in range(spec["repeats"]):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[len(times) // 2]
+
+    def fwd():
+        with torch.no_grad():
+            run()
+
+    def fwd_bwd():
+        for x in (q, k, v):
+            x.grad = None
+        run().backward(do)
+
+    fwd()
+    elem = q.element_size()
+    io = 2 * b * n * h * (2 * d + 2 * d) * elem
+    return {"status": "ok", "fwd_ms": 1e3 * timed(fwd), "fwdbwd_ms": 1e3 * timed(fwd_bwd),
+            "peak_bytes": peak, "io_bytes": io, "peak_over_io": peak / io}
+
+
+# ------------------------------------------------------------------------ parent: sweep
+def run_child(spec: dict, timeout: float) -> dict:
+    env = dict(os.environ, **(MALLOC_ENV if spec["device"] == "cpu" else {}))
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
+    try:
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"status": "timeout"}
+    if out.returncode != 0:
+        tail = out.stderr.strip().splitlines()[-1:] or ["?"]
+        return {"status": "error", "error": tail[0]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def backends(device: str) -> list[str]:
+    found = ["torch"]
+    try:
+        import torch
+        from mhla_kernels.triton_mhla import triton_available
+
+        if triton_available(torch.device(device)):
+            found.append("triton")
+    except ImportError:
+        pass
+    return found
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(0)
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    return platform.processor() or "cpu"
+
+
+def sweep(args) -> list[dict]:
+    base = dict(device=args.device, dtype=args.dtype, batch=args.batch, heads=args.heads,
+                dim=args.dim, causal=not args.non_causal, repeats=args.repeats)
+    rows = []
+    plan = []
+    for n in args.ns:
+        for name, c in (("fixed-block", args.block_size), ("fixed-count", n // args.num_blocks)):
+            for be in backends(args.device):
+                plan.append(dict(base, sweep=name, variant=f"mhla-{be}", n=n,
+                                 block_size=max(c, 1)))
+        plan.append(dict(base, sweep="baseline", variant="linear", n=n, block_size=n))
+        if args.device == "cpu" and n > args.sdpa_max_n:
+            rows.append(dict(base, sweep="baseline", variant="sdpa", n=n, block_size=0,
+                             status=f"skipped (N > --sdpa-max-n {args.sdpa_max_n})"))
+        else:
+            plan.append(dict(base, sweep="baseline", variant="sdpa", n=n, block_size=0))
+    for spec in plan:
+        result = run_child(spec, args.timeout)
+        rows.append({**spec, "num_blocks": -(-spec["n"] // max(spec["block_size"], 1)),
+                     **result})
+        log.info("%-11s %-12s N=%-6d %s", spec["sweep"], spec["variant"], spec["n"],
+                 result.get("status"))
+    return rows
+
+
+def find(rows, sweep_name, variant, n):
+    for r in rows:
+        if (r["sweep"], r["variant"], r["n"], r.get("status")) == (sweep_name, variant, n, "ok"):
+            return r
+    return None
+
+
+def targets(rows) -> dict:
+    """The operator issue's targets, where the sweep measured them."""
+    out = {}
+    a, b = find(rows, "fixed-count", "mhla-torch", 8192), find(rows, "fixed-count",
+                                                               "mhla-torch", 32768)
+    if a and b:
+        out["fwdbwd_32k_over_8k_fixed_count"] = {"value": b["fwdbwd_ms"] / a["fwdbwd_ms"],
+                                                 "limit": 5.0}
+    s = find(rows, "baseline", "sdpa", 8192)
+    if a and s:
+        out["mhla_over_sdpa_fwdbwd_8k"] = {"value": a["fwdbwd_ms"] / s["fwdbwd_ms"],
+                                           "limit": 0.25}
+    peaks = [r["peak_over_io"] for r in rows if r["n"] == 65536 and r.get("status") == "ok"
+             and r["variant"].startswith("mhla")]
+    if peaks:
+        out["peak_over_io_64k"] = {"value": max(peaks), "limit": 3.0}
+    for t in out.values():
+        t["met"] = t["value"] <= t["limit"]
+    return out
+
+
+def table(rows) -> str:
+    head = f"{'sweep':<12}{'variant':<13}{'N':>7}{'C':>7}{'M':>6}{'fwd ms':>10}" \
+           f"{'fwd+bwd ms':>12}{'peak MiB':>10}{'peak/io':>9}  status"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        ok = r.get("status") == "ok"
+        fwd, fb, peak, ratio = (
+            (f"{r['fwd_ms']:.2f}", f"{r['fwdbwd_ms']:.2f}", f"{r['peak_bytes'] / 2**20:.0f}",
+             f"{r['peak_over_io']:.2f}") if ok else ("-",) * 4
+        )
+        c, m = (r["block_size"], r.get("num_blocks", 0)) if r["variant"] != "sdpa" else ("-", "-")
+        lines.append(
+            f"{r['sweep']:<12}{r['variant']:<13}{r['n']:>7}{c:>7}{m:>6}{fwd:>10}{fb:>12}"
+            f"{peak:>10}{ratio:>9}  {r.get('status')}"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    series = sorted({(r["sweep"], r["variant"]) for r in rows})
+    for sweep_name, variant in series:
+        pts = sorted((r["n"], r["fwdbwd_ms"]) for r in rows if r.get("status") == "ok"
+                     and (r["sweep"], r["variant"]) == (sweep_name, variant))
+        if pts:
+            label = variant if sweep_name == "baseline" else f"{variant} ({sweep_name})"
+            ax.plot(*zip(*pts, strict=True), marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens N")
+    ax.set_ylabel("forward+backward time (ms)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default=None, help="default float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--ns", type=lambda s: [int(x) for x in s.split(",")],
+                   default=[1024, 2048, 4096, 8192, 16384, 32768, 65536])
+    p.add_argument("--quick", action="store_true", help="N = 1024,2048,4096, 1 repeat")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--block-size", type=int, default=256, help="C of the fixed-block sweep")
+    p.add_argument("--num-blocks", type=int, default=32, help="M of the fixed-count sweep")
+    p.add_argument("--non-causal", action="store_true")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs; the median is kept")
+    p.add_argument("--sdpa-max-n", type=int, default=16384, help="CPU only")
+    p.add_argument("--timeout", type=float, default=600, help="seconds per measurement")
+    p.add_argument("--out", type=Path, default=None, help="JSON path (PNG beside it)")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.ns, args.repeats = [1024, 2048, 4096], 1
+    if args.dtype is None:
+        args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+    if args.out is None:
+        kind = "cuda" if args.device.startswith("cuda") else "cpu"
+        args.out = ROOT / "benchmarks" / "results" / f"bench_op_{kind}.json"
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.child:
+        print(json.dumps(measure(json.loads(args.child))))
+        return
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    rows = sweep(args)
+    name = device_name(args.device)
+    report = {
+        "device": name, "python": platform.python_version(),
+        "torch": __import__("torch").__version__,
+        "env": MALLOC_ENV if args.device == "cpu" else {},
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                   if k != "child"},
+        "targets": targets(rows), "results": rows,
+    }
+    print(table(rows))
+    for key, t in report["targets"].items():
+        print(f"{key}: {t['value']:.3f} (limit {t['limit']}) {'met' if t['met'] else 'MISSED'}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    png = args.out.with_suffix(".png")
+    causal = "causal" if not args.non_causal else "non-causal"
+    plot(rows, png, f"MHLA {causal}, B={args.batch} H={args.heads} d={args.dim} "
+                    f"{args.dtype}, {name}")
+    print(f"wrote {args.out} and {png}")
+
+
+if __name__ == "__main__":
+    main()
