@@ -4,7 +4,8 @@ Autograd through the blocked form would keep about eight token-sized tensors ali
 the backward (heads-first copies, sub-chunk states, masked scores, numerators): measured
 ~4x the bytes of q, k, v, o and their gradients at N = 64K. Instead the forward runs over
 slabs of whole blocks (`SLAB_TOKENS`), saves only q, k, v, `Mc` and the block-sized
-summaries, and the backward recomputes one slab at a time. Temporaries are then bounded
+summaries, and the backward (written out in `blocked_bwd.py`) recomputes one slab at a
+time. Temporaries are then bounded
 by the slab, not the sequence (for blocks up to `SLAB_TOKENS` tokens; a larger block is
 its own slab). The cost is a second pass of the output stage.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from . import blocked
+from .blocked_bwd import outputs_bwd
 
 SLAB_TOKENS = 8192
 
@@ -60,21 +62,18 @@ def mhla_bwd(do, q, k, v, mixing, s, z, t, y, block_size, causal, normalize, eps
     dt, dy = torch.empty_like(t), torch.empty_like(y)
     diag = blocked.mixing_diagonal(mixing, 0, t.shape[2], dtype)
     ddiag = torch.zeros_like(diag)
-    # 1. The output stage, recomputed slab by slab: grads of q, of k and v through the
-    #    causal intra-block term, and of the mixed summaries and the diagonal.
+    # 1. The output stage, slab by slab: grads of q, of k and v through the causal
+    #    intra-block term, and of the mixed summaries and the diagonal.
     for b0, b1 in slabs:
         tok = _tokens(b0, b1, block_size, n)
-        leaves = [x.detach().requires_grad_() for x in (
-            q[:, tok], k[:, tok], v[:, tok], t[:, :, b0:b1], y[:, :, b0:b1], diag[:, b0:b1])]
-        with torch.enable_grad():
-            o = blocked.outputs(*leaves, block_size, causal=causal, normalize=normalize,
-                                eps=eps, scale=scale)
-            grads = torch.autograd.grad(o, leaves, do[:, tok], allow_unused=True)
-        gq, gk, gv, gt, gy, gdiag = (
-            torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves, strict=True))
+        gq, gk, gv, gt, gy, gdiag = outputs_bwd(
+            q[:, tok], k[:, tok], v[:, tok], t[:, :, b0:b1], y[:, :, b0:b1], diag[:, b0:b1],
+            do[:, tok], block_size, causal=causal, normalize=normalize, eps=eps, scale=scale,
+        )
         dq[:, tok], dk[:, tok], dv[:, tok] = gq, gk, gv
         dt[:, :, b0:b1], dy[:, :, b0:b1] = gt, gy
-        ddiag[:, b0:b1] = gdiag
+        if causal:
+            ddiag[:, b0:b1] = gdiag
     # 2. The mix: dS = Mc^T dT, dz = Mc^T dy, and dMc from T = Mc S (and the diagonal).
     leaves = [s.detach().requires_grad_(), z.detach().requires_grad_(),
               mixing.detach().requires_grad_(need_mixing_grad)]

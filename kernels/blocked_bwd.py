@@ -1,0 +1,116 @@
+"""Hand-written backward of the output stage (`blocked.outputs`), heads-first.
+
+Autograd through the output stage spends most of its time on the gradient of the
+broadcast `Mc[i, i]` multiplies and on flip-cumsum-flip for the exclusive prefix sums;
+written out, the backward is a handful of batched matmuls. The math, per sub-chunk with
+`X = T_i + w R_j` (`R_j` the earlier sub-chunks' `sum k v^T`), `A = w tril(q k^T)`,
+`num = q X + A v`, `den = q (y_i + w r_j) + A 1 + eps`, `o = num / den`, and `g = do`:
+
+    gn = g / den                 gd = -(g . o) / den        (normalised; else gn = scale g)
+    dq = gn X^T + gd Y^T + (w * mask * dA) k      with dA = gn v^T + gd 1^T
+    dk = (w * mask * dA)^T q + v dU^T + dU_k      dv = A^T gn + k dU
+    dT_i = sum_j q^T gn          dy_i = sum_j q^T gd
+    dU_j = w sum_{j' > j} q_{j'}^T gn_{j'}         (and dU_k likewise with gd)
+    dw = <dX, R> + <dY, r> + <dA, tril(q k^T)>
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import blocked
+
+
+def _grad_of_quotient(num, den, g, normalize: bool, scale: float):
+    """(gn, gd): the gradients that reach the numerator and the denominator."""
+    if not normalize:
+        return g * scale, None
+    gn = g / den
+    return gn, -(gn * (num / den)).sum(-1, keepdim=True)
+
+
+def _reverse_exclusive_cumsum(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """`out_j = sum_{j' > j} x_j'` along `dim`."""
+    total = x.sum(dim, keepdim=True)
+    return total - x.cumsum(dim)
+
+
+def noncausal_outputs_bwd(qb, t, y, g, *, normalize, eps, scale):
+    num = qb @ t
+    den = qb @ y.unsqueeze(-1) + eps if normalize else None
+    gn, gd = _grad_of_quotient(num, den, g, normalize, scale)
+    dq = gn @ t.transpose(-1, -2)
+    dt = qb.transpose(-1, -2) @ gn
+    if gd is None:
+        return dq, dt, torch.zeros_like(y)
+    dq = dq + gd * y.unsqueeze(-2)
+    return dq, dt, (qb * gd).sum(-2)
+
+
+def causal_outputs_bwd(qc, kc, vc, t, y, diag, g, *, normalize, eps, scale):
+    """Returns dq, dk, dv `[B, H, M, nc, c, *]`, dt, dy, ddiag (shapes of t, y, diag)."""
+    c = qc.shape[-2]
+    w6 = diag.reshape(1, diag.shape[0], diag.shape[1], 1, 1, 1)
+    u_kv, u_k = blocked.summaries(kc, vc)
+    prev_kv = F.pad(u_kv.cumsum(3)[:, :, :, :-1], (0, 0, 0, 0, 1, 0))
+    prev_k = F.pad(u_k.cumsum(3)[:, :, :, :-1], (0, 0, 1, 0))
+    x = t.unsqueeze(3) + w6 * prev_kv
+    ystate = y.unsqueeze(3) + w6[..., 0] * prev_k
+    mask = torch.ones(c, c, dtype=torch.bool, device=qc.device).tril()
+    pm = (qc @ kc.transpose(-1, -2)) * mask
+    a = pm * w6
+    num = qc @ x + a @ vc
+    den = (qc @ ystate.unsqueeze(-1) + a.sum(-1, keepdim=True) + eps) if normalize else None
+    gn, gd = _grad_of_quotient(num, den, g, normalize, scale)
+
+    da = gn @ vc.transpose(-1, -2)
+    if gd is not None:
+        da = da + gd
+    da_w = da * mask * w6
+    dq = gn @ x.transpose(-1, -2) + da_w @ kc
+    dk = da_w.transpose(-1, -2) @ qc
+    dv = a.transpose(-1, -2) @ gn
+    dx = qc.transpose(-1, -2) @ gn  # [.., nc, d, dv]
+    dt = dx.sum(3)
+    du_kv = _reverse_exclusive_cumsum(w6 * dx, 3)
+    dk = dk + vc @ du_kv.transpose(-1, -2)
+    dv = dv + kc @ du_kv
+    ddiag_full = (dx * prev_kv).sum((-1, -2)) + (da * pm).sum((-1, -2))  # [B, H, M, nc]
+    if gd is None:
+        dy = torch.zeros_like(y)
+    else:
+        dq = dq + gd * ystate.unsqueeze(-2)
+        dys = (qc * gd).sum(-2)  # [.., nc, d]
+        dy = dys.sum(3)
+        dk = dk + _reverse_exclusive_cumsum(w6[..., 0] * dys, 3).unsqueeze(-2)
+        ddiag_full = ddiag_full + (dys * prev_k).sum(-1)
+    ddiag = ddiag_full.sum((0, 3))  # [H, M]
+    if diag.shape[0] == 1:
+        ddiag = ddiag.sum(0, keepdim=True)
+    return dq, dk, dv, dt, dy, ddiag
+
+
+def outputs_bwd(q, k, v, t, y, diag, do, block_size, *, causal, normalize, eps, scale):
+    """Gradients of `blocked.outputs` for the tokens `q, k, v` `[B, n, H, *]`.
+
+    Returns dq, dk, dv (token-major, in the inputs' dtypes; dk and dv are zero when not
+    causal: non-causal tokens reach their own k and v only through the summaries), and
+    dt, dy, ddiag (ddiag is None when not causal).
+    """
+    n, dtype = q.shape[1], t.dtype
+    m = t.shape[2]
+    qb, gb = (blocked.to_blocks(x, block_size, m, dtype) for x in (q, do))
+    if not causal:
+        dqb, dt, dy = noncausal_outputs_bwd(qb, t, y, gb, normalize=normalize, eps=eps,
+                                            scale=scale)
+        return (blocked.from_blocks(dqb, n, q.dtype), torch.zeros_like(k), torch.zeros_like(v),
+                dt, dy, None)
+    chunk = blocked.subchunk_size(block_size)
+    kb, vb = (blocked.to_blocks(x, block_size, m, dtype) for x in (k, v))
+    qc, kc, vc, gc = (blocked.to_subchunks(x, chunk) for x in (qb, kb, vb, gb))
+    dq, dk, dv, dt, dy, ddiag = causal_outputs_bwd(qc, kc, vc, t, y, diag, gc,
+                                                   normalize=normalize, eps=eps, scale=scale)
+    back = [blocked.from_blocks(blocked.merge_subchunks(g, block_size), n, x.dtype)
+            for g, x in ((dq, q), (dk, k), (dv, v))]
+    return (*back, dt, dy, ddiag)
