@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from . import blocked
+from .torch_function import BlockSummaries, block_outputs_hf
 from .validation import check_block_size, check_mixing, check_qkv, check_shapes, num_blocks
 
 
@@ -28,8 +29,7 @@ def block_summaries(
     check_qkv(k, k, v)
     check_block_size(block_size)
     m = num_blocks(k.shape[1], block_size)
-    dtype = blocked.compute_dtype(k, v)
-    s, z = blocked.summaries(*(blocked.to_blocks(x, block_size, m, dtype) for x in (k, v)))
+    s, z = BlockSummaries.apply(k, v, block_size, m, blocked.compute_dtype(k, v))
     return s.transpose(1, 2), z.transpose(1, 2)
 
 
@@ -104,7 +104,7 @@ def block_outputs(
     scale = d**-0.5 if scale is None else scale
     dtype = blocked.compute_dtype(q, k, v, t)
     diag = blocked.mixing_diagonal(mixing, block_start, m, dtype) if causal else None
-    return blocked.outputs(
+    return block_outputs_hf(
         q, k, v, t.transpose(1, 2).to(dtype), y.transpose(1, 2).to(dtype), diag, block_size,
         causal=causal, normalize=normalize, eps=eps, scale=scale,
     )

@@ -1,13 +1,16 @@
-"""Single-device MHLA in PyTorch with memory linear in N and small beside the inputs.
+"""The torch backend's autograd: the two token-sized stages as `autograd.Function`s.
 
 Autograd through the blocked form would keep about eight token-sized tensors alive for
 the backward (heads-first copies, sub-chunk states, masked scores, numerators): measured
-~4x the bytes of q, k, v, o and their gradients at N = 64K. Instead the forward runs over
-slabs of whole blocks (`SLAB_TOKENS`), saves only q, k, v, `Mc` and the block-sized
-summaries, and the backward (written out in `blocked_bwd.py`) recomputes one slab at a
-time. Temporaries are then bounded
-by the slab, not the sequence (for blocks up to `SLAB_TOKENS` tokens; a larger block is
-its own slab). The cost is a second pass of the output stage.
+~4x the bytes of q, k, v, o and their gradients at N = 64K. Instead each stage runs over
+slabs of whole blocks (`SLAB_TOKENS`), saves only its token-major inputs and block-sized
+summaries, and its backward (written out in `blocked_bwd.py`) recomputes one slab at a
+time. Temporaries are bounded by the slab, not the sequence (for blocks up to
+`SLAB_TOKENS` tokens; a larger block is its own slab). The mix between the stages is a
+small GEMM left to autograd.
+
+`mhla_torch` composes them for one device; `stages.py` exposes them to context
+parallelism, which inserts an all-gather of the summaries between the two.
 """
 
 from __future__ import annotations
@@ -26,98 +29,92 @@ def slab_ranges(num_blocks: int, block_size: int) -> list[tuple[int, int]]:
     return [(b, min(b + per_slab, num_blocks)) for b in range(0, num_blocks, per_slab)]
 
 
-def _tokens(b0: int, b1: int, block_size: int, n: int) -> slice:
-    return slice(b0 * block_size, min(b1 * block_size, n))
+def _slabs(num_blocks: int, block_size: int, tokens: int):
+    """`(b0, b1, token_slice)` for every slab."""
+    for b0, b1 in slab_ranges(num_blocks, block_size):
+        yield b0, b1, slice(b0 * block_size, min(b1 * block_size, tokens))
 
 
-def mhla_fwd(q, k, v, mixing, block_size, num_blocks, causal, normalize, eps, scale):
-    """Returns `o` and the summaries the backward needs (`S, z, T, y` heads-first)."""
-    n, dtype = q.shape[1], blocked.compute_dtype(q, k, v)
-    slabs = slab_ranges(num_blocks, block_size)
-    parts = [
-        blocked.summaries(*(blocked.to_blocks(x[:, _tokens(b0, b1, block_size, n)],
-                                              block_size, b1 - b0, dtype) for x in (k, v)))
-        for b0, b1 in slabs
-    ]
-    s = torch.cat([p[0] for p in parts], dim=2)
-    z = torch.cat([p[1] for p in parts], dim=2)
-    rows = blocked.mixing_rows(mixing, 0, num_blocks, num_blocks, dtype)
-    t, y = blocked.mix(s, z, rows, causal=causal, row_start=0)
-    diag = rows.diagonal(dim1=-2, dim2=-1)
-    o = v.new_empty(*q.shape[:3], v.shape[-1])
-    for b0, b1 in slabs:
-        tok = _tokens(b0, b1, block_size, n)
-        o[:, tok] = blocked.outputs(
-            q[:, tok], k[:, tok], v[:, tok], t[:, :, b0:b1], y[:, :, b0:b1], diag[:, b0:b1],
-            block_size, causal=causal, normalize=normalize, eps=eps, scale=scale,
-        )
-    return o, (s, z, t, y)
+class BlockSummaries(torch.autograd.Function):
+    """k `[B, N, H, d]`, v -> S `[B, H, M, d, dv]`, z `[B, H, M, d]` (compute dtype)."""
 
-
-def mhla_bwd(do, q, k, v, mixing, s, z, t, y, block_size, causal, normalize, eps, scale,
-             need_mixing_grad):
-    n, dtype = q.shape[1], t.dtype
-    slabs = slab_ranges(t.shape[2], block_size)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    dt, dy = torch.empty_like(t), torch.empty_like(y)
-    diag = blocked.mixing_diagonal(mixing, 0, t.shape[2], dtype)
-    ddiag = torch.zeros_like(diag)
-    # 1. The output stage, slab by slab: grads of q, of k and v through the causal
-    #    intra-block term, and of the mixed summaries and the diagonal.
-    for b0, b1 in slabs:
-        tok = _tokens(b0, b1, block_size, n)
-        gq, gk, gv, gt, gy, gdiag = outputs_bwd(
-            q[:, tok], k[:, tok], v[:, tok], t[:, :, b0:b1], y[:, :, b0:b1], diag[:, b0:b1],
-            do[:, tok], block_size, causal=causal, normalize=normalize, eps=eps, scale=scale,
-        )
-        dq[:, tok], dk[:, tok], dv[:, tok] = gq, gk, gv
-        dt[:, :, b0:b1], dy[:, :, b0:b1] = gt, gy
-        if causal:
-            ddiag[:, b0:b1] = gdiag
-    # 2. The mix: dS = Mc^T dT, dz = Mc^T dy, and dMc from T = Mc S (and the diagonal).
-    leaves = [s.detach().requires_grad_(), z.detach().requires_grad_(),
-              mixing.detach().requires_grad_(need_mixing_grad)]
-    with torch.enable_grad():
-        rows = blocked.mixing_rows(leaves[2], 0, t.shape[2], t.shape[2], dtype)
-        t2, y2 = blocked.mix(leaves[0], leaves[1], rows, causal=causal, row_start=0)
-        outs, grads_out = [t2, y2], [dt, dy]
-        if causal and need_mixing_grad:
-            outs.append(rows.diagonal(dim1=-2, dim2=-1))
-            grads_out.append(ddiag)
-        grads = torch.autograd.grad(outs, leaves if need_mixing_grad else leaves[:2], grads_out)
-    ds, dz = grads[:2]
-    dmixing = grads[2] if need_mixing_grad else None
-    # 3. The summaries S_b = sum k v^T, z_b = sum k: dk += v dS^T + dz, dv += k dS.
-    for b0, b1 in slabs:
-        tok = _tokens(b0, b1, block_size, n)
-        kb, vb = (blocked.to_blocks(x[:, tok], block_size, b1 - b0, dtype) for x in (k, v))
-        gs, gz = ds[:, :, b0:b1], dz[:, :, b0:b1]
-        gk = vb @ gs.transpose(-1, -2) + gz.unsqueeze(-2)
-        gv = kb @ gs
-        dk[:, tok] += blocked.from_blocks(gk, tok.stop - tok.start, dk.dtype)
-        dv[:, tok] += blocked.from_blocks(gv, tok.stop - tok.start, dv.dtype)
-    return dq, dk, dv, dmixing
-
-
-class MHLATorchFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, mixing, block_size, num_blocks, causal, normalize, eps, scale):
-        o, summaries = mhla_fwd(q, k, v, mixing, block_size, num_blocks, causal, normalize,
-                                eps, scale)
-        ctx.save_for_backward(q, k, v, mixing, *summaries)
+    def forward(ctx, k, v, block_size, num_blocks, dtype):
+        parts = [
+            blocked.summaries(*(blocked.to_blocks(x[:, tok], block_size, b1 - b0, dtype)
+                                for x in (k, v)))
+            for b0, b1, tok in _slabs(num_blocks, block_size, k.shape[1])
+        ]
+        ctx.save_for_backward(k, v)
+        ctx.args = (block_size, num_blocks, dtype)
+        return torch.cat([p[0] for p in parts], dim=2), torch.cat([p[1] for p in parts], dim=2)
+
+    @staticmethod
+    def backward(ctx, ds, dz):
+        # S_b = sum k v^T, z_b = sum k: dk = v dS^T + dz, dv = k dS.
+        k, v = ctx.saved_tensors
+        block_size, num_blocks, dtype = ctx.args
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        for b0, b1, tok in _slabs(num_blocks, block_size, k.shape[1]):
+            kb, vb = (blocked.to_blocks(x[:, tok], block_size, b1 - b0, dtype) for x in (k, v))
+            gs, gz = ds[:, :, b0:b1], dz[:, :, b0:b1]
+            n = tok.stop - tok.start
+            dk[:, tok] = blocked.from_blocks(vb @ gs.transpose(-1, -2) + gz.unsqueeze(-2), n,
+                                             k.dtype)
+            dv[:, tok] = blocked.from_blocks(kb @ gs, n, v.dtype)
+        return dk, dv, None, None, None
+
+
+class BlockOutputs(torch.autograd.Function):
+    """Outputs `[B, N, H, dv]` of q, k, v from the mixed `t`, `y` (heads-first) and, when
+    causal, the diagonal `Mc[i, i]` `[1 or H, M]` (pass an empty tensor otherwise)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, t, y, diag, block_size, causal, normalize, eps, scale):
+        o = v.new_empty(*q.shape[:3], v.shape[-1])
+        for b0, b1, tok in _slabs(t.shape[2], block_size, q.shape[1]):
+            o[:, tok] = blocked.outputs(
+                q[:, tok], k[:, tok], v[:, tok], t[:, :, b0:b1], y[:, :, b0:b1],
+                diag[:, b0:b1] if causal else None, block_size,
+                causal=causal, normalize=normalize, eps=eps, scale=scale,
+            )
+        ctx.save_for_backward(q, k, v, t, y, diag)
         ctx.args = (block_size, causal, normalize, eps, scale)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, mixing, s, z, t, y = ctx.saved_tensors
-        dq, dk, dv, dmixing = mhla_bwd(
-            do.contiguous(), q, k, v, mixing, s, z, t, y, *ctx.args,
-            need_mixing_grad=ctx.needs_input_grad[3],
-        )
-        return dq, dk, dv, dmixing, None, None, None, None, None, None
+        q, k, v, t, y, diag = ctx.saved_tensors
+        block_size, causal, normalize, eps, scale = ctx.args
+        do = do.contiguous()
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        dt, dy, ddiag = torch.empty_like(t), torch.empty_like(y), torch.zeros_like(diag)
+        for b0, b1, tok in _slabs(t.shape[2], block_size, q.shape[1]):
+            gq, gk, gv, gt, gy, gdiag = outputs_bwd(
+                q[:, tok], k[:, tok], v[:, tok], t[:, :, b0:b1], y[:, :, b0:b1],
+                diag[:, b0:b1] if causal else None, do[:, tok], block_size,
+                causal=causal, normalize=normalize, eps=eps, scale=scale,
+            )
+            dq[:, tok], dk[:, tok], dv[:, tok] = gq, gk, gv
+            dt[:, :, b0:b1], dy[:, :, b0:b1] = gt, gy
+            if causal:
+                ddiag[:, b0:b1] = gdiag
+        return dq, dk, dv, dt, dy, ddiag, None, None, None, None, None
+
+
+def block_outputs_hf(q, k, v, t, y, diag, block_size, *, causal, normalize, eps, scale):
+    """`BlockOutputs.apply` with `diag` optional (None when not causal)."""
+    if diag is None:
+        diag = t.new_zeros(1, t.shape[2])
+    return BlockOutputs.apply(q, k, v, t, y, diag, block_size, causal, normalize, eps, scale)
 
 
 def mhla_torch(q, k, v, mixing, block_size, num_blocks, *, causal, normalize, eps, scale):
-    return MHLATorchFunction.apply(q, k, v, mixing, block_size, num_blocks, causal, normalize,
-                                   eps, scale)
+    """Single-device MHLA: summaries -> mix (all rows) -> outputs."""
+    dtype = blocked.compute_dtype(q, k, v)
+    s, z = BlockSummaries.apply(k, v, block_size, num_blocks, dtype)
+    rows = blocked.mixing_rows(mixing, 0, num_blocks, num_blocks, dtype)
+    t, y = blocked.mix(s, z, rows, causal=causal, row_start=0)
+    diag = rows.diagonal(dim1=-2, dim2=-1) if causal else None
+    return block_outputs_hf(q, k, v, t, y, diag, block_size, causal=causal,
+                            normalize=normalize, eps=eps, scale=scale)
