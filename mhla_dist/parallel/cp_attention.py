@@ -1,0 +1,88 @@
+"""Context-parallel MHLA: the token blocks are sharded over the CP group (DESIGN §2).
+
+Rank `r` of `P` holds tokens `[r N/P, (r+1) N/P)`, i.e. whole blocks
+`[r M/P, (r+1) M/P)`. Forward: local summaries -> all-gather over CP -> mix with this
+rank's rows of `Mc` -> local outputs. Backward: the gradient of the gathered summaries is
+reduce-scattered back to their owners (the adjoint of the gather). The traffic per rank is
+the `M x H x d x (dv + 1)` summaries, independent of `N` for a fixed number of blocks.
+
+`Mc` is replicated: each rank's `mixing.grad` holds the rows of its own blocks (and, for
+causal, its diagonal entries), so the sum over the CP group -- which the data-parallel
+reduction over DP x CP performs -- is the single-device gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from mhla_kernels import block_outputs, block_summaries, mhla, mix_summaries
+
+from .collectives import start_gather
+
+
+def _default_cp_group():
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        raise RuntimeError(
+            "cp_mhla needs a context-parallel group: pass group=... or build the topology "
+            "first (mhla_dist.parallel.build_topology)"
+        )
+    return ps.get_context_parallel_group()
+
+
+def check_cp_shard(local_tokens: int, cp: int, block_size: int, mixing_blocks: int) -> int:
+    """Validate a CP shard; returns the number of local blocks."""
+    total = local_tokens * cp
+    if local_tokens % block_size:
+        raise ValueError(
+            f"block_size={block_size} does not divide the {local_tokens} tokens each of the "
+            f"{cp} context-parallel ranks holds (sequence length {total}); context "
+            "parallelism shards whole blocks"
+        )
+    blocks = total // block_size
+    if mixing_blocks < blocks:
+        raise ValueError(
+            f"mixing is {mixing_blocks}x{mixing_blocks} but the {total}-token sequence has "
+            f"{blocks} blocks of {block_size}"
+        )
+    return local_tokens // block_size
+
+
+def cp_mhla(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mixing: torch.Tensor,
+    block_size: int,
+    *,
+    causal: bool = False,
+    normalize: bool = True,
+    eps: float = 1e-6,
+    scale: float | None = None,
+    group=None,
+) -> torch.Tensor:
+    """MHLA over a sequence sharded contiguously across the context-parallel group.
+
+    q, k: `[B, N/P, H, d]`, v: `[B, N/P, H, dv]`: this rank's contiguous shard. Returns the
+    matching shard of the single-device `mhla` output; gradients match too (`mixing`'s
+    summed over the group). `group` defaults to megatron-core's context-parallel group.
+    """
+    group = _default_cp_group() if group is None else group
+    cp, rank = dist.get_world_size(group), dist.get_rank(group)
+    if cp == 1:
+        return mhla(q, k, v, mixing, block_size, causal=causal, normalize=normalize, eps=eps,
+                    scale=scale)
+    local_blocks = check_cp_shard(q.shape[1], cp, block_size, mixing.shape[-1])
+    block_start = rank * local_blocks
+    s, z = block_summaries(k, v, block_size)  # [B, m, H, d, dv], [B, m, H, d]
+    b, m, h, d, dv = s.shape
+    # One collective for both summaries: pack z beside the flattened S.
+    pending = start_gather(torch.cat([s.reshape(b, m, h, d * dv), z], dim=-1), 1, group)
+    gathered = pending.wait()  # [B, M, H, d*dv + d]
+    s_all = gathered[..., : d * dv].reshape(b, m * cp, h, d, dv)
+    z_all = gathered[..., d * dv:]
+    t, y = mix_summaries(s_all, z_all, mixing, causal=causal, block_start=block_start,
+                         num_rows=local_blocks)
+    return block_outputs(q, k, v, t, y, mixing, block_size, causal=causal,
+                         normalize=normalize, eps=eps, scale=scale, block_start=block_start)
