@@ -10,15 +10,37 @@ from .validation import check_shapes, check_values
 BACKENDS = ("auto", "torch", "triton")
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend for `backend` on `device` ("auto" picks the fastest present)."""
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+TRITON_MAX_HEAD_DIM = 256
+
+
+def _triton_available(device: torch.device) -> bool:
+    try:  # imported lazily: importing mhla_kernels should not import triton
+        from .triton_mhla import triton_available
+    except ImportError:
+        return False
+    return triton_available(device)
+
+
+def resolve_backend(backend: str, q: torch.Tensor, v: torch.Tensor) -> str:
+    """The concrete backend for `backend` and these inputs.
+
+    "auto" takes the Triton kernels for CUDA tensors they support (float32, bfloat16,
+    float16; head dims up to 256) and the PyTorch backend otherwise (CPU, float64).
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {', '.join(map(repr, BACKENDS))}")
-    if backend == "triton":
-        raise NotImplementedError(
-            "backend='triton' is not available yet; use backend='torch' (or 'auto')"
+    if backend == "triton" and not _triton_available(q.device):
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels "
+            f"in Triton's CPU interpreter); q is on {q.device}. Use backend='torch' or 'auto'"
         )
-    return "torch"
+    if backend == "auto":
+        fits = (q.dtype in TRITON_DTYPES and v.dtype in TRITON_DTYPES
+                and max(q.shape[-1], v.shape[-1]) <= TRITON_MAX_HEAD_DIM)
+        use_triton = q.device.type == "cuda" and fits and _triton_available(q.device)
+        return "triton" if use_triton else "torch"
+    return backend
 
 
 def mhla(
@@ -61,7 +83,11 @@ def mhla(
     shape = check_shapes(q, k, v, mixing, block_size)
     if check_inputs:
         check_values(q, k, normalize=normalize)
-    resolve_backend(backend, q.device)
+    if resolve_backend(backend, q, v) == "triton":
+        from .triton_mhla import mhla_triton
+
+        return mhla_triton(q, k, v, mixing, block_size, causal=causal, normalize=normalize,
+                           eps=eps, scale=scale)
     scale = shape.head_dim**-0.5 if scale is None else scale
     return mhla_torch(
         q, k, v, mixing, block_size, shape.num_blocks,

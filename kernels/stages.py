@@ -14,20 +14,25 @@ from __future__ import annotations
 import torch
 
 from . import blocked
+from .functional import resolve_backend
 from .torch_function import BlockSummaries, block_outputs_hf
 from .validation import check_block_size, check_mixing, check_qkv, check_shapes, num_blocks
 
 
 def block_summaries(
-    k: torch.Tensor, v: torch.Tensor, block_size: int
+    k: torch.Tensor, v: torch.Tensor, block_size: int, *, backend: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`S_b = sum_{s in b} k_s v_s^T` `[B, M, H, d, dv]` and `z_b = sum k_s` `[B, M, H, d]`.
 
     k: `[B, N, H, d]` (after the feature map), v: `[B, N, H, dv]`; a ragged last block
-    sums only its real tokens.
+    sums only its real tokens. `backend` as in `mhla`.
     """
     check_qkv(k, k, v)
     check_block_size(block_size)
+    if resolve_backend(backend, k, v) == "triton":
+        from .triton_mhla import block_summaries_triton
+
+        return block_summaries_triton(k, v, block_size)
     m = num_blocks(k.shape[1], block_size)
     s, z = BlockSummaries.apply(k, v, block_size, m, blocked.compute_dtype(k, v))
     return s.transpose(1, 2), z.transpose(1, 2)
@@ -82,13 +87,14 @@ def block_outputs(
     eps: float = 1e-6,
     scale: float | None = None,
     block_start: int = 0,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Outputs of the local tokens from their blocks' mixed summaries.
 
     q, k, v: the local tokens `[B, N, H, *]`, whose blocks are the global blocks
     `block_start ..`; t, y: their rows of the mix (`mix_summaries`); mixing: the whole
     matrix (causal reads its diagonal `Mc[i, i]` for the intra-block term; non-causal
-    ignores it). Returns `[B, N, H, dv]` in v's dtype.
+    ignores it). `backend` as in `mhla`. Returns `[B, N, H, dv]` in v's dtype.
     """
     m = num_blocks(q.shape[1], block_size)
     check_block_size(block_size)
@@ -101,6 +107,12 @@ def block_outputs(
             f"mixed summaries have shapes T {tuple(t.shape)} and y {tuple(y.shape)}; the "
             f"{m} local blocks need T {(b, m, h, d, shape.value_dim)} and y {(b, m, h, d)}"
         )
+    if resolve_backend(backend, q, v) == "triton":
+        from .triton_mhla import block_outputs_triton
+
+        return block_outputs_triton(q, k, v, t, y, mixing, block_size, causal=causal,
+                                    normalize=normalize, eps=eps, scale=scale,
+                                    block_start=block_start)
     scale = d**-0.5 if scale is None else scale
     dtype = blocked.compute_dtype(q, k, v, t)
     diag = blocked.mixing_diagonal(mixing, block_start, m, dtype) if causal else None

@@ -88,3 +88,9 @@ def test_stage_errors(inputs):
         mix_summaries(s, torch.zeros(1, 5, 2, 4), mc, block_start=4, num_rows=2)
     with pytest.raises(ValueError, match=r"the 5 local blocks need T \(1, 5, 2, 4, 3\)"):
         block_outputs(q, k, v, s[:, :4], torch.zeros(1, 4, 2, 4), mc, 8)
+
+
+def test_triton_backend_without_cuda_or_interpreter(inputs, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match=r"backend='triton' needs CUDA tensors .* q is on cpu"):
+        mhla(*inputs, 8, backend="triton")
