@@ -7,6 +7,7 @@ See DESIGN §1 for the math and §4 for the contract.
 """
 
 from .decode import MHLADecodeState, mhla_decode_step
+from .feature_maps import FEATURE_MAPS, feature_map
 from .functional import BACKENDS, mhla
 from .mixing import block_grid_mixing, causal_mixing
 from .reference import mhla_reference
@@ -15,12 +16,14 @@ from .validation import check_values
 
 __all__ = [
     "BACKENDS",
+    "FEATURE_MAPS",
     "MHLADecodeState",
     "block_grid_mixing",
     "block_outputs",
     "block_summaries",
     "causal_mixing",
     "check_values",
+    "feature_map",
     "mhla",
     "mhla_decode_step",
     "mhla_reference",

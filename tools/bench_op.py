@@ -52,6 +52,7 @@ def _rss(field: str) -> int:
 def measure(spec: dict) -> dict:
     import torch
     import torch.nn.functional as F
+
     from mhla_kernels import mhla
 
     device, dtype = torch.device(spec["device"]), getattr(torch, spec["dtype"])
@@ -136,6 +137,7 @@ def backends(device: str) -> list[str]:
     found = ["torch"]
     try:
         import torch
+
         from mhla_kernels.triton_mhla import triton_available
 
         if triton_available(torch.device(device)):
@@ -213,7 +215,8 @@ def table(rows) -> str:
     head = f"{'sweep':<12}{'variant':<13}{'N':>7}{'C':>7}{'M':>6}{'fwd ms':>10}" \
            f"{'fwd+bwd ms':>12}{'peak MiB':>10}{'peak/io':>9}  status"
     lines = [head, "-" * len(head)]
-    for r in rows:
+    order = {"fixed-block": 0, "fixed-count": 1, "baseline": 2}
+    for r in sorted(rows, key=lambda r: (r["n"], order[r["sweep"]], r["variant"])):
         ok = r.get("status") == "ok"
         fwd, fb, peak, ratio = (
             (f"{r['fwd_ms']:.2f}", f"{r['fwdbwd_ms']:.2f}", f"{r['peak_bytes'] / 2**20:.0f}",

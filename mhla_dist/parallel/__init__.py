@@ -2,12 +2,14 @@
 
 from .collectives import (
     comm_stats,
+    copy_to_group,
     counting_bytes,
     gather_from_group,
     reduce_scatter_to_group,
     start_gather,
 )
 from .cp_attention import check_cp_shard, cp_mhla
+from .mpu import DeepSpeedMPU
 from .topology import (
     LayoutError,
     Topology,
@@ -18,12 +20,14 @@ from .topology import (
 )
 
 __all__ = [
+    "DeepSpeedMPU",
     "LayoutError",
     "Topology",
     "build_topology",
     "check_cp_shard",
     "check_layout",
     "comm_stats",
+    "copy_to_group",
     "counting_bytes",
     "cp_mhla",
     "destroy_topology",

@@ -1,7 +1,8 @@
 """Collectives paired with their adjoints, as autograd Functions over torch.distributed.
 
 Megatron-style regions: `gather_from_group` all-gathers forward and reduce-scatters the
-gradient backward; `reduce_scatter_to_group` is its transpose. Both work on contiguous
+gradient backward; `reduce_scatter_to_group` is its transpose; `copy_to_group` is the
+identity with an all-reduced gradient. Both work on contiguous
 buffers with `all_gather_into_tensor` / `reduce_scatter_tensor`, so they run on gloo
 (CPU) and NCCL (GPU) alike; `torch.distributed.nn.functional.all_gather` is avoided
 because it returns wrong gradients on gloo for non-contiguous incoming gradients.
@@ -125,6 +126,32 @@ def reduce_scatter_to_group(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     if _size(group) == 1:
         return x
     return _ReduceScatterToGroup.apply(x, dim, group)
+
+
+class _CopyToGroup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        comm_stats.record("all_reduce", grad)
+        return grad, None
+
+
+def copy_to_group(x: torch.Tensor, group) -> torch.Tensor:
+    """Identity forward; all-reduce (sum) of the gradient backward.
+
+    For a parameter replicated over a group whose ranks use it on different data (the
+    shared `Mc` on tensor-parallel ranks, which hold different heads): every rank then
+    holds the whole gradient, and the replicas stay equal.
+    """
+    if _size(group) == 1:
+        return x
+    return _CopyToGroup.apply(x, group)
 
 
 class PendingGather:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
 from mhla_kernels import block_outputs, block_summaries, mhla, mix_summaries
 
 from .collectives import start_gather

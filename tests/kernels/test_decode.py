@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from mhla_kernels import MHLADecodeState, mhla, mhla_decode_step
 
+from mhla_kernels import MHLADecodeState, mhla, mhla_decode_step
 from tests.kernels.inputs import make_inputs
 from tests.numerics import rel_err
 

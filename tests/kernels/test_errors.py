@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from mhla_kernels import block_outputs, check_values, mhla, mix_summaries
 
+from mhla_kernels import block_outputs, check_values, mhla, mix_summaries
 from tests.kernels.inputs import make_inputs
 
 

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from mhla_kernels import mhla
 
+from mhla_kernels import mhla
 from tests.kernels.inputs import make_inputs
 from tests.numerics import rel_err
 

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from mhla_kernels import mhla, mhla_reference
 
+from mhla_kernels import mhla, mhla_reference
 from tests.kernels.inputs import make_inputs
 from tests.numerics import rel_err
 

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+
 from mhla_kernels import block_grid_mixing, causal_mixing
 
 
@@ -58,3 +59,17 @@ def test_block_grid_mixing_errors():
         block_grid_mixing(4, "exp", sigma=0)
     with pytest.raises(ValueError, match=r"num_blocks=0 must be >= 1"):
         causal_mixing(0)
+
+
+def test_feature_maps():
+    from mhla_kernels import feature_map
+
+    x = torch.tensor([-2.0, 0.0, 3.0])
+    assert torch.equal(feature_map("relu", eps=0.5)(x), torch.tensor([0.5, 0.5, 3.5]))
+    assert torch.allclose(feature_map("elu")(x), torch.nn.functional.elu(x) + 1)
+    assert (feature_map("elu")(x) > 0).all()
+    assert torch.equal(feature_map("identity", normalize=False)(x), x)
+    with pytest.raises(ValueError, match=r"feature_map='identity' needs normalize=False"):
+        feature_map("identity")
+    with pytest.raises(ValueError, match=r"feature_map='softmax' is not one of relu, elu"):
+        feature_map("softmax")

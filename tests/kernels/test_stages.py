@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from mhla_kernels import block_outputs, block_summaries, mhla, mix_summaries
 
+from mhla_kernels import block_outputs, block_summaries, mhla, mix_summaries
 from tests.kernels.inputs import make_inputs
 from tests.numerics import rel_err
 

@@ -21,6 +21,8 @@ if not ON_GPU:
     os.environ["TRITON_INTERPRET"] = "1"
 
 import triton.language as tl  # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
 from mhla_kernels import (  # noqa: E402
     block_outputs,
     block_summaries,
@@ -28,8 +30,6 @@ from mhla_kernels import (  # noqa: E402
     mix_summaries,
     triton_mhla,
 )
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-
 from tests.kernels.inputs import make_inputs  # noqa: E402
 from tests.numerics import rel_err  # noqa: E402
 

@@ -5,8 +5,8 @@ import itertools
 
 import pytest
 import torch
-from mhla_kernels import mhla, mhla_reference
 
+from mhla_kernels import mhla, mhla_reference
 from tests.kernels.inputs import make_inputs
 from tests.numerics import rel_err
 from tests.parallel.harness import run_ranks

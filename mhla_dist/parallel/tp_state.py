@@ -1,0 +1,58 @@
+"""Full (TP-gathered) weights of a tensor-parallel module, and loading them back.
+
+megatron-core marks split parameters with `tensor_model_parallel`, `partition_dim`; the
+others are replicated on every TP rank. The full state is the same whatever the TP
+degree, so it is what checkpoints convert through and what tests compare.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .collectives import all_gather_dim0
+
+
+def _split(param: nn.Parameter) -> int | None:
+    """The dim a parameter is split along over TP, or None when replicated."""
+    return param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
+
+
+def gather_tp_tensors(module: nn.Module, tensors: dict[str, torch.Tensor], tp_group):
+    """Gather `{param name: local tensor}` (weights or their grads) to full tensors."""
+    params = dict(module.named_parameters())
+    out = {}
+    for name, t in tensors.items():
+        dim = _split(params[name])
+        if dim is None or dist.get_world_size(tp_group) == 1:
+            out[name] = t.detach().clone()
+        else:
+            full, _ = all_gather_dim0(t.detach().movedim(dim, 0), tp_group)
+            out[name] = full.movedim(0, dim).contiguous()
+    return out
+
+
+def full_state_dict(module: nn.Module, tp_group) -> dict[str, torch.Tensor]:
+    return gather_tp_tensors(module, dict(module.named_parameters()), tp_group)
+
+
+def full_grads(module: nn.Module, tp_group) -> dict[str, torch.Tensor]:
+    grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p))
+             for n, p in module.named_parameters()}
+    return gather_tp_tensors(module, grads, tp_group)
+
+
+@torch.no_grad()
+def load_full_state_dict(module: nn.Module, state: dict[str, torch.Tensor], tp_group) -> None:
+    """Copy this TP rank's slice of every full tensor in `state` into `module`."""
+    tp, rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
+    for name, param in module.named_parameters():
+        if name not in state:
+            raise KeyError(f"{name} missing from the full state (has {sorted(state)})")
+        full, dim = state[name], _split(param)
+        local = full if dim is None else full.chunk(tp, dim=dim)[rank]
+        if local.shape != param.shape:
+            raise ValueError(f"{name}: full {tuple(full.shape)} gives {tuple(local.shape)} on "
+                             f"TP rank {rank}/{tp}, the parameter is {tuple(param.shape)}")
+        param.copy_(local)
