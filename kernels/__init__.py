@@ -8,18 +8,26 @@ See DESIGN §1 for the math and §4 for the contract.
 
 from .decode import MHLADecodeState, mhla_decode_step
 from .feature_maps import FEATURE_MAPS, feature_map
-from .functional import BACKENDS, mhla
+from .functional import BACKENDS, mhla, resolve_backend
 from .mixing import block_grid_mixing, causal_mixing
 from .reference import mhla_reference
-from .stages import block_outputs, block_summaries, mix_summaries
+from .stages import (
+    IntraBlockTerms,
+    block_outputs,
+    block_outputs_intra,
+    block_summaries,
+    mix_summaries,
+)
 from .validation import check_values
 
 __all__ = [
     "BACKENDS",
     "FEATURE_MAPS",
+    "IntraBlockTerms",
     "MHLADecodeState",
     "block_grid_mixing",
     "block_outputs",
+    "block_outputs_intra",
     "block_summaries",
     "causal_mixing",
     "check_values",
@@ -28,4 +36,5 @@ __all__ = [
     "mhla_decode_step",
     "mhla_reference",
     "mix_summaries",
+    "resolve_backend",
 ]

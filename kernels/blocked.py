@@ -106,28 +106,38 @@ def noncausal_outputs(qb, t, y, *, normalize: bool, eps: float, scale: float):
     return num / (qb @ y.unsqueeze(-1) + eps)
 
 
-def causal_outputs(qc, kc, vc, u_kv, u_k, t, y, diag, *, normalize: bool, eps: float, scale: float):
-    """Causal block outputs over sub-chunks.
+def causal_numden(qc, kc, vc, u_kv, u_k, diag, t=None, y=None, *, normalize: bool):
+    """Numerator `[B, H, M, nc, c, dv]` and denominator (before eps; None when not
+    normalising) `[B, H, M, nc, c, 1]` of causal block outputs over sub-chunks.
 
     qc, kc, vc: `[B, H, M, nc, c, *]`; u_kv, u_k: the sub-chunk summaries of kc, vc;
-    t, y: the strictly-lower mix `[B, H, M, d, dv]`, `[B, H, M, d]`; diag: `Mc[i, i]`
-    as `[1 or H, M]`. Token `t` in sub-chunk `j` of block `i` sees the mixed prefix
-    `T_i`, plus `Mc[i, i]` times the earlier sub-chunks' state and its own sub-chunk's
-    masked scores. Returns `[B, H, M, nc, c, dv]`.
+    diag: `Mc[i, i]` as `[1 or H, M]`; t, y: the strictly-lower mix `[B, H, M, d, dv]`,
+    `[B, H, M, d]`, or None for the intra-block terms alone (what context parallelism
+    computes while the summaries are still being gathered). Token `t` in sub-chunk `j` of
+    block `i` sees the mixed prefix `T_i`, plus `Mc[i, i]` times the earlier sub-chunks'
+    state and its own sub-chunk's masked scores.
     """
     c = qc.shape[-2]
     w = diag.reshape(1, diag.shape[0], diag.shape[1], 1, 1, 1)
     # Exclusive cumulative sum over the sub-chunks of each block.
-    prev_kv = F.pad(u_kv.cumsum(3)[:, :, :, :-1], (0, 0, 0, 0, 1, 0))
-    num = qc @ (t.unsqueeze(3) + w * prev_kv)
+    state = w * F.pad(u_kv.cumsum(3)[:, :, :, :-1], (0, 0, 0, 0, 1, 0))
+    if t is not None:
+        state = t.unsqueeze(3) + state
     mask = torch.ones(c, c, dtype=torch.bool, device=qc.device).tril()
     scores = (qc @ kc.transpose(-1, -2)) * (mask * w)
-    num = num + scores @ vc
+    num = qc @ state + scores @ vc
     if not normalize:
-        return num * scale
-    prev_k = F.pad(u_k.cumsum(3)[:, :, :, :-1], (0, 0, 1, 0))
-    den = qc @ (y.unsqueeze(3) + w[..., 0] * prev_k).unsqueeze(-1) + scores.sum(-1, keepdim=True)
-    return num / (den + eps)
+        return num, None
+    state_k = w[..., 0] * F.pad(u_k.cumsum(3)[:, :, :, :-1], (0, 0, 1, 0))
+    if y is not None:
+        state_k = y.unsqueeze(3) + state_k
+    return num, qc @ state_k.unsqueeze(-1) + scores.sum(-1, keepdim=True)
+
+
+def causal_outputs(qc, kc, vc, u_kv, u_k, t, y, diag, *, normalize: bool, eps: float, scale: float):
+    """Causal block outputs `[B, H, M, nc, c, dv]` (see `causal_numden`)."""
+    num, den = causal_numden(qc, kc, vc, u_kv, u_k, diag, t, y, normalize=normalize)
+    return num * scale if not normalize else num / (den + eps)
 
 
 def merge_subchunks(o: torch.Tensor, block_size: int) -> torch.Tensor:

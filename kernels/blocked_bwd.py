@@ -48,47 +48,68 @@ def noncausal_outputs_bwd(qb, t, y, g, *, normalize, eps, scale):
     return dq, dt, (qb * gd).sum(-2)
 
 
-def causal_outputs_bwd(qc, kc, vc, t, y, diag, g, *, normalize, eps, scale):
-    """Returns dq, dk, dv `[B, H, M, nc, c, *]`, dt, dy, ddiag (shapes of t, y, diag)."""
+def _causal_state(qc, kc, vc, t, y, diag):
+    """The forward's intermediates, recomputed (t, y None: the intra-block terms alone)."""
     c = qc.shape[-2]
     w6 = diag.reshape(1, diag.shape[0], diag.shape[1], 1, 1, 1)
     u_kv, u_k = blocked.summaries(kc, vc)
     prev_kv = F.pad(u_kv.cumsum(3)[:, :, :, :-1], (0, 0, 0, 0, 1, 0))
     prev_k = F.pad(u_k.cumsum(3)[:, :, :, :-1], (0, 0, 1, 0))
-    x = t.unsqueeze(3) + w6 * prev_kv
-    ystate = y.unsqueeze(3) + w6[..., 0] * prev_k
+    x, ystate = w6 * prev_kv, w6[..., 0] * prev_k
+    if t is not None:
+        x, ystate = t.unsqueeze(3) + x, y.unsqueeze(3) + ystate
     mask = torch.ones(c, c, dtype=torch.bool, device=qc.device).tril()
     pm = (qc @ kc.transpose(-1, -2)) * mask
-    a = pm * w6
-    num = qc @ x + a @ vc
-    den = (qc @ ystate.unsqueeze(-1) + a.sum(-1, keepdim=True) + eps) if normalize else None
-    gn, gd = _grad_of_quotient(num, den, g, normalize, scale)
+    return dict(w6=w6, prev_kv=prev_kv, prev_k=prev_k, x=x, ystate=ystate, mask=mask, pm=pm,
+                a=pm * w6)
 
+
+def _causal_numden_bwd(qc, kc, vc, st, gn, gd, diag_heads):
+    """Gradients from those reaching the numerator (gn) and the denominator (gd, None
+    when not normalising): dq, dk, dv, dt, dy (None without gd), ddiag."""
+    w6 = st["w6"]
     da = gn @ vc.transpose(-1, -2)
     if gd is not None:
         da = da + gd
-    da_w = da * mask * w6
-    dq = gn @ x.transpose(-1, -2) + da_w @ kc
+    da_w = da * st["mask"] * w6
+    dq = gn @ st["x"].transpose(-1, -2) + da_w @ kc
     dk = da_w.transpose(-1, -2) @ qc
-    dv = a.transpose(-1, -2) @ gn
+    dv = st["a"].transpose(-1, -2) @ gn
     dx = qc.transpose(-1, -2) @ gn  # [.., nc, d, dv]
-    dt = dx.sum(3)
     du_kv = _reverse_exclusive_cumsum(w6 * dx, 3)
     dk = dk + vc @ du_kv.transpose(-1, -2)
     dv = dv + kc @ du_kv
-    ddiag_full = (dx * prev_kv).sum((-1, -2)) + (da * pm).sum((-1, -2))  # [B, H, M, nc]
-    if gd is None:
-        dy = torch.zeros_like(y)
-    else:
-        dq = dq + gd * ystate.unsqueeze(-2)
+    ddiag_full = (dx * st["prev_kv"]).sum((-1, -2)) + (da * st["pm"]).sum((-1, -2))
+    dy = None
+    if gd is not None:
+        dq = dq + gd * st["ystate"].unsqueeze(-2)
         dys = (qc * gd).sum(-2)  # [.., nc, d]
         dy = dys.sum(3)
         dk = dk + _reverse_exclusive_cumsum(w6[..., 0] * dys, 3).unsqueeze(-2)
-        ddiag_full = ddiag_full + (dys * prev_k).sum(-1)
+        ddiag_full = ddiag_full + (dys * st["prev_k"]).sum(-1)
     ddiag = ddiag_full.sum((0, 3))  # [H, M]
-    if diag.shape[0] == 1:
+    if diag_heads == 1:
         ddiag = ddiag.sum(0, keepdim=True)
-    return dq, dk, dv, dt, dy, ddiag
+    return dq, dk, dv, dx.sum(3), dy, ddiag
+
+
+def causal_outputs_bwd(qc, kc, vc, t, y, diag, g, *, normalize, eps, scale):
+    """Returns dq, dk, dv `[B, H, M, nc, c, *]`, dt, dy, ddiag (shapes of t, y, diag)."""
+    st = _causal_state(qc, kc, vc, t, y, diag)
+    num = qc @ st["x"] + st["a"] @ vc
+    den = (qc @ st["ystate"].unsqueeze(-1) + st["a"].sum(-1, keepdim=True) + eps
+           if normalize else None)
+    gn, gd = _grad_of_quotient(num, den, g, normalize, scale)
+    dq, dk, dv, dt, dy, ddiag = _causal_numden_bwd(qc, kc, vc, st, gn, gd, diag.shape[0])
+    return dq, dk, dv, dt, torch.zeros_like(y) if dy is None else dy, ddiag
+
+
+def causal_intra_bwd(qc, kc, vc, diag, g_num, g_den):
+    """Gradients of the intra-block terms (`causal_numden` without t, y): dq, dk, dv
+    `[B, H, M, nc, c, *]` and ddiag, given those of the numerator and denominator."""
+    st = _causal_state(qc, kc, vc, None, None, diag)
+    dq, dk, dv, _, _, ddiag = _causal_numden_bwd(qc, kc, vc, st, g_num, g_den, diag.shape[0])
+    return dq, dk, dv, ddiag
 
 
 def outputs_bwd(q, k, v, t, y, diag, do, block_size, *, causal, normalize, eps, scale):

@@ -11,12 +11,23 @@ two stages and mixes only its own rows (`block_start`, `num_rows`). Summaries ar
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from . import blocked
 from .functional import resolve_backend
-from .torch_function import BlockSummaries, block_outputs_hf
+from .torch_function import BlockIntra, BlockSummaries, block_outputs_hf, combine_outputs
 from .validation import check_block_size, check_mixing, check_qkv, check_shapes, num_blocks
+
+
+class IntraBlockTerms(NamedTuple):
+    """The causal intra-block numerator and denominator of some local tokens, heads-first
+    blocks (`[B, H, M, C, dv]`, `[B, H, M, C, 1]` or None when not normalising)."""
+
+    num: torch.Tensor
+    den: torch.Tensor | None
+    block_start: int
 
 
 def block_summaries(
@@ -88,13 +99,17 @@ def block_outputs(
     scale: float | None = None,
     block_start: int = 0,
     backend: str = "auto",
+    intra: IntraBlockTerms | None = None,
 ) -> torch.Tensor:
     """Outputs of the local tokens from their blocks' mixed summaries.
 
     q, k, v: the local tokens `[B, N, H, *]`, whose blocks are the global blocks
     `block_start ..`; t, y: their rows of the mix (`mix_summaries`); mixing: the whole
     matrix (causal reads its diagonal `Mc[i, i]` for the intra-block term; non-causal
-    ignores it). `backend` as in `mhla`. Returns `[B, N, H, dv]` in v's dtype.
+    ignores it). `backend` as in `mhla`. `intra`: the causal intra-block terms already
+    computed by `block_outputs_intra` (context parallelism computes them while the
+    summaries are in flight); then only the mixed prefix is added here.
+    Returns `[B, N, H, dv]` in v's dtype.
     """
     m = num_blocks(q.shape[1], block_size)
     check_block_size(block_size)
@@ -107,16 +122,50 @@ def block_outputs(
             f"mixed summaries have shapes T {tuple(t.shape)} and y {tuple(y.shape)}; the "
             f"{m} local blocks need T {(b, m, h, d, shape.value_dim)} and y {(b, m, h, d)}"
         )
+    scale = d**-0.5 if scale is None else scale
+    if intra is not None:
+        if not causal or (intra.block_start, intra.num.shape[2]) != (block_start, m) \
+                or (intra.den is None) == normalize:
+            raise ValueError(
+                "intra was computed for other arguments: it needs causal=True and the same "
+                "tokens, block_start and normalize"
+            )
+        return combine_outputs(q, t.transpose(1, 2).to(intra.num.dtype),
+                               y.transpose(1, 2).to(intra.num.dtype), (intra.num, intra.den),
+                               block_size, normalize=normalize, eps=eps, scale=scale,
+                               out_dtype=v.dtype)
     if resolve_backend(backend, q, v) == "triton":
         from .triton_mhla import block_outputs_triton
 
         return block_outputs_triton(q, k, v, t, y, mixing, block_size, causal=causal,
                                     normalize=normalize, eps=eps, scale=scale,
                                     block_start=block_start)
-    scale = d**-0.5 if scale is None else scale
     dtype = blocked.compute_dtype(q, k, v, t)
     diag = blocked.mixing_diagonal(mixing, block_start, m, dtype) if causal else None
     return block_outputs_hf(
         q, k, v, t.transpose(1, 2).to(dtype), y.transpose(1, 2).to(dtype), diag, block_size,
         causal=causal, normalize=normalize, eps=eps, scale=scale,
     )
+
+
+def block_outputs_intra(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mixing: torch.Tensor,
+    block_size: int,
+    *,
+    normalize: bool = True,
+    block_start: int = 0,
+) -> IntraBlockTerms:
+    """The part of causal block outputs that needs no other block: `Mc[i, i]` times the
+    masked intra-block attention (numerator and denominator). Differentiable; memory as
+    the other stages (slab-recomputed). Pass the result to `block_outputs(intra=...)`.
+    """
+    check_block_size(block_size)
+    m = num_blocks(q.shape[1], block_size)
+    check_shapes(q, k, v, mixing[..., block_start:, block_start:], block_size)
+    dtype = blocked.compute_dtype(q, k, v)
+    diag = blocked.mixing_diagonal(mixing, block_start, m, dtype)
+    num, *den = BlockIntra.apply(q, k, v, diag, block_size, normalize, dtype)
+    return IntraBlockTerms(num, den[0] if den else None, block_start)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from . import blocked
-from .blocked_bwd import outputs_bwd
+from .blocked_bwd import causal_intra_bwd, outputs_bwd
 
 SLAB_TOKENS = 8192
 
@@ -100,6 +100,63 @@ class BlockOutputs(torch.autograd.Function):
             if causal:
                 ddiag[:, b0:b1] = gdiag
         return dq, dk, dv, dt, dy, ddiag, None, None, None, None, None
+
+
+class BlockIntra(torch.autograd.Function):
+    """The causal intra-block terms alone: numerator `[B, H, M, C, dv]` and denominator
+    (before eps) `[B, H, M, C, 1]`, heads-first blocks (padded), from q, k, v and
+    `diag = Mc[i, i]` `[1 or H, M]`. Context parallelism computes them while the
+    summaries are gathered; `combine_outputs` adds the mixed prefix afterwards."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, diag, block_size, normalize, dtype):
+        m = diag.shape[1]
+        b, _, h, _ = q.shape
+        num = q.new_empty(b, h, m, block_size, v.shape[-1], dtype=dtype)
+        den = q.new_empty(b, h, m, block_size, 1, dtype=dtype) if normalize else None
+        chunk = blocked.subchunk_size(block_size)
+        for b0, b1, tok in _slabs(m, block_size, q.shape[1]):
+            qc, kc, vc = (blocked.to_subchunks(blocked.to_blocks(x[:, tok], block_size,
+                                                                 b1 - b0, dtype), chunk)
+                          for x in (q, k, v))
+            u_kv, u_k = blocked.summaries(kc, vc)
+            n_s, d_s = blocked.causal_numden(qc, kc, vc, u_kv, u_k, diag[:, b0:b1],
+                                             normalize=normalize)
+            num[:, :, b0:b1] = blocked.merge_subchunks(n_s, block_size)
+            if normalize:
+                den[:, :, b0:b1] = blocked.merge_subchunks(d_s, block_size)
+        ctx.save_for_backward(q, k, v, diag)
+        ctx.args = (block_size, normalize, dtype)
+        return (num, den) if normalize else (num,)
+
+    @staticmethod
+    def backward(ctx, g_num, g_den=None):
+        q, k, v, diag = ctx.saved_tensors
+        block_size, normalize, dtype = ctx.args
+        chunk = blocked.subchunk_size(block_size)
+        dq, dk, dv, ddiag = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+                             torch.empty_like(diag))
+        for b0, b1, tok in _slabs(diag.shape[1], block_size, q.shape[1]):
+            qc, kc, vc = (blocked.to_subchunks(blocked.to_blocks(x[:, tok], block_size,
+                                                                 b1 - b0, dtype), chunk)
+                          for x in (q, k, v))
+            gn = blocked.to_subchunks(g_num[:, :, b0:b1], chunk)
+            gd = blocked.to_subchunks(g_den[:, :, b0:b1], chunk) if normalize else None
+            gq, gk, gv, ddiag[:, b0:b1] = causal_intra_bwd(qc, kc, vc, diag[:, b0:b1], gn, gd)
+            n = tok.stop - tok.start
+            for out, g, x in ((dq, gq, q), (dk, gk, k), (dv, gv, v)):
+                out[:, tok] = blocked.from_blocks(blocked.merge_subchunks(g, block_size), n,
+                                                  x.dtype)
+        return dq, dk, dv, ddiag, None, None, None
+
+
+def combine_outputs(q, t, y, intra, block_size, *, normalize, eps, scale, out_dtype):
+    """Outputs from the intra-block terms (`BlockIntra`) and the mixed prefix t, y
+    (heads-first): `(num + q T) / (den + q y + eps)`. Plain autograd: block-sized."""
+    qb = blocked.to_blocks(q, block_size, t.shape[2], t.dtype)
+    num = intra[0] + qb @ t
+    o = num * scale if not normalize else num / (intra[1] + qb @ y.unsqueeze(-1) + eps)
+    return blocked.from_blocks(o, q.shape[1], out_dtype)
 
 
 def block_outputs_hf(q, k, v, t, y, diag, block_size, *, causal, normalize, eps, scale):

@@ -1,8 +1,9 @@
 """Context-parallel MHLA: the token blocks are sharded over the CP group (DESIGN §2).
 
 Rank `r` of `P` holds tokens `[r N/P, (r+1) N/P)`, i.e. whole blocks
-`[r M/P, (r+1) M/P)`. Forward: local summaries -> all-gather over CP -> mix with this
-rank's rows of `Mc` -> local outputs. Backward: the gradient of the gathered summaries is
+`[r M/P, (r+1) M/P)`. Forward: local summaries -> all-gather over CP started -> (causal)
+the intra-block terms computed while it is in flight -> mix with this rank's rows of `Mc`
+-> local outputs. Backward: the gradient of the gathered summaries is
 reduce-scattered back to their owners (the adjoint of the gather). The traffic per rank is
 the `M x H x d x (dv + 1)` summaries, independent of `N` for a fixed number of blocks.
 
@@ -16,7 +17,14 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from mhla_kernels import block_outputs, block_summaries, mhla, mix_summaries
+from mhla_kernels import (
+    block_outputs,
+    block_outputs_intra,
+    block_summaries,
+    mhla,
+    mix_summaries,
+    resolve_backend,
+)
 
 from .collectives import start_gather
 
@@ -80,10 +88,17 @@ def cp_mhla(
     b, m, h, d, dv = s.shape
     # One collective for both summaries: pack z beside the flattened S.
     pending = start_gather(torch.cat([s.reshape(b, m, h, d * dv), z], dim=-1), 1, group)
+    intra = None
+    if causal and resolve_backend("auto", q, v) == "torch":
+        # While the gather is in flight: the causal intra-block terms need no other block.
+        # (The Triton backend fuses them into its output kernel, which needs the mix.)
+        intra = block_outputs_intra(q, k, v, mixing, block_size, normalize=normalize,
+                                    block_start=block_start)
     gathered = pending.wait()  # [B, M, H, d*dv + d]
     s_all = gathered[..., : d * dv].reshape(b, m * cp, h, d, dv)
     z_all = gathered[..., d * dv:]
     t, y = mix_summaries(s_all, z_all, mixing, causal=causal, block_start=block_start,
                          num_rows=local_blocks)
     return block_outputs(q, k, v, t, y, mixing, block_size, causal=causal,
-                         normalize=normalize, eps=eps, scale=scale, block_start=block_start)
+                         normalize=normalize, eps=eps, scale=scale, block_start=block_start,
+                         intra=intra)

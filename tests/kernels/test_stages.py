@@ -60,3 +60,47 @@ def test_stages_sharded_like_context_parallelism_equal_mhla(parts, causal, norma
     for name, ga, gr in zip("q k v mixing".split(), torch.autograd.grad(out, inputs, do),
                             torch.autograd.grad(ref, inputs, do), strict=True):
         assert rel_err(ga, gr, floor=1e-3) < 1e-12, name
+
+
+@pytest.mark.parametrize("normalize", [True, False], ids=["norm", "unnorm"])
+@pytest.mark.parametrize("parts", [1, 3])
+def test_intra_terms_first_then_prefix_equal_mhla(monkeypatch, parts, normalize):
+    """Causal context parallelism computes the intra-block terms while the summaries are
+    in flight, then adds the mixed prefix: outputs and gradients still equal mhla's (also
+    over several slabs and with per-head mixing)."""
+    from mhla_kernels import block_outputs_intra, torch_function
+
+    monkeypatch.setattr(torch_function, "SLAB_TOKENS", 32)  # 2 blocks a slab
+    c, n = 16, 48 * parts
+    q, k, v, mixing = make_inputs(2, n, 2, 8, 4, c, per_head=True, extra_blocks=1)
+    inputs = [t.requires_grad_() for t in (q, k, v, mixing)]
+    local_n, local_m = n // parts, n // parts // c
+    shards = [slice(r * local_n, (r + 1) * local_n) for r in range(parts)]
+    summ = [block_summaries(k[:, sl], v[:, sl], c) for sl in shards]
+    s, z = torch.cat([x[0] for x in summ], 1), torch.cat([x[1] for x in summ], 1)
+    outs = []
+    for r, sl in enumerate(shards):
+        intra = block_outputs_intra(q[:, sl], k[:, sl], v[:, sl], mixing, c,
+                                    normalize=normalize, block_start=r * local_m)
+        t, y = mix_summaries(s, z, mixing, block_start=r * local_m, num_rows=local_m,
+                             causal=True)
+        outs.append(block_outputs(q[:, sl], k[:, sl], v[:, sl], t, y, mixing, c, causal=True,
+                                  normalize=normalize, block_start=r * local_m, intra=intra))
+    out = torch.cat(outs, 1)
+    ref = mhla(*inputs, c, causal=True, normalize=normalize)
+    assert rel_err(out, ref) < 1e-12
+    do = torch.randn_like(ref)
+    for name, ga, gr in zip("q k v mixing".split(), torch.autograd.grad(out, inputs, do),
+                            torch.autograd.grad(ref, inputs, do), strict=True):
+        assert rel_err(ga, gr, floor=1e-3) < 1e-12, name
+
+
+def test_intra_terms_must_match_the_call():
+    from mhla_kernels import block_outputs_intra
+
+    q, k, v, mixing = make_inputs(1, 32, 2, 4, 4, 8)
+    intra = block_outputs_intra(q, k, v, mixing, 8)
+    s, z = block_summaries(k, v, 8)
+    t, y = mix_summaries(s, z, mixing, causal=True)
+    with pytest.raises(ValueError, match=r"intra was computed for other arguments"):
+        block_outputs(q, k, v, t, y, mixing, 8, causal=True, normalize=False, intra=intra)
