@@ -5,9 +5,9 @@ the backward (heads-first copies, sub-chunk states, masked scores, numerators): 
 ~4x the bytes of q, k, v, o and their gradients at N = 64K. Instead each stage runs over
 slabs of whole blocks (`SLAB_TOKENS`), saves only its token-major inputs and block-sized
 summaries, and its backward (written out in `blocked_bwd.py`) recomputes one slab at a
-time. Temporaries are bounded by the slab, not the sequence (for blocks up to
-`SLAB_TOKENS` tokens; a larger block is its own slab). The mix between the stages is a
-small GEMM left to autograd.
+time. Temporaries are bounded by the slab, not the sequence (single-device `mhla` splits a
+block larger than a slab into virtual blocks; the stage functions keep such a block as
+one slab). The mix between the stages is a small GEMM left to autograd.
 
 `mhla_torch` composes them for one device; `stages.py` exposes them to context
 parallelism, which inserts an all-gather of the summaries between the two.
@@ -166,8 +166,39 @@ def block_outputs_hf(q, k, v, t, y, diag, block_size, *, causal, normalize, eps,
     return BlockOutputs.apply(q, k, v, t, y, diag, block_size, causal, normalize, eps, scale)
 
 
+def virtual_block_size(block_size: int) -> int:
+    """The largest divisor of `block_size` that fits a slab (and is at least a sub-chunk),
+    or `block_size` itself when it fits or has no such divisor."""
+    if block_size <= SLAB_TOKENS:
+        return block_size
+    for size in range(SLAB_TOKENS, blocked.SUBCHUNK - 1, -1):
+        if block_size % size == 0:
+            return size
+    return block_size
+
+
+def split_blocks(mixing: torch.Tensor, num_blocks: int, parts: int) -> torch.Tensor:
+    """`Mc` for blocks split into `parts` virtual blocks each: `Mc kron ones(parts, parts)`.
+
+    Within a real block `i` every virtual block reads the earlier ones (and itself) with
+    `Mc[i, i]`, which is the causal intra-block term; across blocks `Mc[i, j]` as before;
+    non-causal, each virtual block mixes the whole of every block. So MHLA over the
+    virtual blocks equals MHLA over the real ones, and autograd sums `dMc` back.
+    """
+    mc = mixing[..., :num_blocks, :num_blocks]
+    return mc.repeat_interleave(parts, dim=-1).repeat_interleave(parts, dim=-2)
+
+
 def mhla_torch(q, k, v, mixing, block_size, num_blocks, *, causal, normalize, eps, scale):
-    """Single-device MHLA: summaries -> mix (all rows) -> outputs."""
+    """Single-device MHLA: summaries -> mix (all rows) -> outputs.
+
+    Blocks larger than a slab are split into virtual blocks (`split_blocks`), so the
+    memory bound of the slabs holds for any block size.
+    """
+    virtual = virtual_block_size(block_size)
+    if virtual != block_size:
+        mixing = split_blocks(mixing, num_blocks, block_size // virtual)
+        block_size, num_blocks = virtual, -(-q.shape[1] // virtual)
     dtype = blocked.compute_dtype(q, k, v)
     s, z = BlockSummaries.apply(k, v, block_size, num_blocks, dtype)
     rows = blocked.mixing_rows(mixing, 0, num_blocks, num_blocks, dtype)

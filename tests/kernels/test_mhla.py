@@ -115,3 +115,38 @@ def test_mhla_gradient_of_only_some_inputs():
     (gq,) = _grads(out, [q])
     (gr,) = _grads(ref, [q])
     assert rel_err(gq, gr) < 1e-10
+
+
+@pytest.mark.parametrize("normalize", [True, False], ids=["norm", "unnorm"])
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize("n,c,per_head", [(1000, 512, True), (700, 384, False), (300, 300, True)])
+def test_mhla_blocks_larger_than_a_slab_match_reference(monkeypatch, n, c, per_head, causal,
+                                                       normalize):
+    """A block larger than a slab is split into virtual blocks (Mc kron ones): 512 -> 4 x
+    128, 384 -> 3 x 128, 300 -> 3 x 100 (ragged last blocks included); outputs and every
+    gradient, the mixing one summed back over the copies, still equal the reference."""
+    from mhla_kernels import torch_function
+
+    monkeypatch.setattr(torch_function, "SLAB_TOKENS", 128)
+    virtual = torch_function.virtual_block_size(c)
+    assert virtual < c and c % virtual == 0
+    inputs = [t.requires_grad_() for t in make_inputs(1, n, 2, 4, 3, c, per_head=per_head,
+                                                       extra_blocks=1)]
+    kw = dict(causal=causal, normalize=normalize)
+    out = mhla(*inputs, c, **kw)
+    ref = mhla_reference(*inputs, c, **kw)
+    assert rel_err(out, ref) < 1e-10
+    for name, ga, gr in zip("q k v mixing".split(), _grads(out, inputs), _grads(ref, inputs),
+                            strict=True):
+        err = rel_err(ga, gr, floor=1e-3)
+        assert err < 1e-10, f"d{name} rel err {err:.2e}"
+
+
+def test_virtual_block_size():
+    from mhla_kernels.torch_function import SLAB_TOKENS, virtual_block_size
+
+    assert virtual_block_size(256) == 256
+    assert virtual_block_size(4 * SLAB_TOKENS) == SLAB_TOKENS
+    assert virtual_block_size(3 * 4096) == 6144
+    assert virtual_block_size(8209) == 8209  # a prime: no divisor fits, kept whole
+    assert virtual_block_size(2 * 8209) == 2 * 8209  # divisors 2 and 8209: none fits
