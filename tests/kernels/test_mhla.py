@@ -5,7 +5,7 @@ import torch
 
 from mhla_kernels import mhla, mhla_reference
 from tests.kernels.inputs import make_inputs
-from tests.numerics import rel_err
+from tests.numerics import assert_grads_close, rel_err
 
 # (B, N, H, d, dv, block_size, per_head): awkward N, ragged last blocks, dv != d,
 # one token, one block, blocks larger than a sub-chunk (causal splits them in 64s).
@@ -24,12 +24,6 @@ IDS = [
 ]
 
 
-def _grads(out, inputs, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    do = torch.randn(out.shape, generator=g, dtype=out.dtype)
-    return torch.autograd.grad(out, inputs, do)
-
-
 @pytest.mark.parametrize("normalize", [True, False], ids=["norm", "unnorm"])
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 @pytest.mark.parametrize("shape", SHAPES, ids=IDS)
@@ -43,10 +37,7 @@ def test_mhla_matches_reference_float64(shape, causal, normalize):
     assert out.shape == (b, n, h, dv) and out.dtype == torch.float64
     err = rel_err(out, ref)
     assert err < 1e-10, f"output rel err {err:.2e}"
-    grads = zip("q k v mixing".split(), _grads(out, inputs), _grads(ref, inputs), strict=True)
-    for name, ga, gr in grads:
-        err = rel_err(ga, gr, floor=1e-3)
-        assert err < 1e-10, f"d{name} rel err {err:.2e}"
+    assert_grads_close(out, ref, inputs, tol=1e-10)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
@@ -101,10 +92,7 @@ def test_mhla_over_many_slabs_matches_reference(monkeypatch, shape, causal):
     out = mhla(*inputs, c, causal=causal)
     ref = mhla_reference(*inputs, c, causal=causal)
     assert rel_err(out, ref) < 1e-10
-    for name, ga, gr in zip("q k v mixing".split(), _grads(out, inputs), _grads(ref, inputs),
-                            strict=True):
-        err = rel_err(ga, gr, floor=1e-3)
-        assert err < 1e-10, f"d{name} rel err {err:.2e}"
+    assert_grads_close(out, ref, inputs, tol=1e-10)
 
 
 def test_mhla_gradient_of_only_some_inputs():
@@ -112,9 +100,7 @@ def test_mhla_gradient_of_only_some_inputs():
     q.requires_grad_()
     out = mhla(q, k, v, mixing, 16, causal=True)
     ref = mhla_reference(q, k, v, mixing, 16, causal=True)
-    (gq,) = _grads(out, [q])
-    (gr,) = _grads(ref, [q])
-    assert rel_err(gq, gr) < 1e-10
+    assert_grads_close(out, ref, [q], names=["q"], tol=1e-10)
 
 
 @pytest.mark.parametrize("normalize", [True, False], ids=["norm", "unnorm"])
@@ -136,10 +122,7 @@ def test_mhla_blocks_larger_than_a_slab_match_reference(monkeypatch, n, c, per_h
     out = mhla(*inputs, c, **kw)
     ref = mhla_reference(*inputs, c, **kw)
     assert rel_err(out, ref) < 1e-10
-    for name, ga, gr in zip("q k v mixing".split(), _grads(out, inputs), _grads(ref, inputs),
-                            strict=True):
-        err = rel_err(ga, gr, floor=1e-3)
-        assert err < 1e-10, f"d{name} rel err {err:.2e}"
+    assert_grads_close(out, ref, inputs, tol=1e-10)
 
 
 def test_virtual_block_size():
