@@ -1,0 +1,1 @@
+"""Structured configs (omegaconf): model, parallel layout, data, optimiser, ZeRO, schedule, logging, checkpointing."""

@@ -1,0 +1,1 @@
+"""Streaming data on webdataset: LM token shards and video clip shards, resumable."""

@@ -1,0 +1,1 @@
+"""Models: layers, the MHLA language model and the MHLA video DiT."""
