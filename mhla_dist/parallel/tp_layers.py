@@ -8,6 +8,7 @@ gradient is summed over TP (each rank's heads contribute part of it); a per-head
 split by heads like the projections.
 
 Inputs are `[B, N_local, hidden]`; megatron's layers only need the hidden dim last.
+Causal layers also decode one token at a time (`prefill`, `step`) on a single CP rank.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mhla_kernels import feature_map
+from mhla_kernels import MHLADecodeState, feature_map, mhla, mhla_decode_step
 
 from .collectives import copy_to_group
 from .cp_attention import cp_mhla
@@ -58,7 +59,96 @@ def resolve_tp_group(tp_group=None):
     return tp_group, dist.get_world_size(tp_group)
 
 
-class ParallelMHLAttention(nn.Module):
+def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary position embedding (halves rotated, NeoX style) of `x` `[B, N, H, d]` at
+    the global token `positions` `[N]`."""
+    half = x.shape[-1] // 2
+    freqs = theta ** (-torch.arange(half, dtype=torch.float64, device=x.device) / half)
+    angles = positions.to(torch.float64)[:, None] * freqs  # [N, half]
+    cos = angles.cos().to(x.dtype)[None, :, None, :]
+    sin = angles.sin().to(x.dtype)[None, :, None, :]
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class AttentionProjections(nn.Module):
+    """The q, k, v (and gate) column-parallel projections, the row-parallel output
+    projection, an optional per-head output RMSNorm and rotary embedding: what MHLA and
+    softmax attention layers share. Heads split over `tp_group`, tokens over `cp_group`.
+
+    `finish(o, x)`: `o_proj(norm(o) * silu(gate(x)))` (norm and gate when enabled).
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, head_dim: int, *, bias: bool = False,
+                 output_gate: bool = False, output_norm: bool = False, norm_eps: float = 1e-6,
+                 rotary_theta: float | None = None, tp_group=None, cp_group=None) -> None:
+        super().__init__()
+        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+        tp_group, tp = resolve_tp_group(tp_group)
+        if num_heads % tp:
+            raise ValueError(f"tp={tp} does not divide the {num_heads} attention heads")
+        if rotary_theta is not None and head_dim % 2:
+            raise ValueError(f"rotary embedding needs an even head_dim, got {head_dim}")
+        self.tp, self.tp_group, self.cp_group = tp, tp_group, cp_group
+        self.num_heads, self.local_heads, self.head_dim = num_heads, num_heads // tp, head_dim
+        self.rotary_theta, self.norm_eps = rotary_theta, norm_eps
+        config = tp_config(tp)
+        col = dict(config=config, init_method=_init_normal(hidden_size**-0.5), bias=bias,
+                   gather_output=False, tp_group=tp_group)
+        width = num_heads * head_dim
+        self.q_proj = ColumnParallelLinear(hidden_size, width, **col)
+        self.k_proj = ColumnParallelLinear(hidden_size, width, **col)
+        self.v_proj = ColumnParallelLinear(hidden_size, width, **col)
+        self.gate_proj = ColumnParallelLinear(hidden_size, width, **col) if output_gate else None
+        self.o_proj = RowParallelLinear(
+            width, hidden_size, config=config, init_method=_init_normal(width**-0.5),
+            bias=bias, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group,
+        )
+        # One weight for every head, replicated over TP (its gradient is TP-summed).
+        self.out_norm = nn.Parameter(torch.ones(head_dim)) if output_norm else None
+
+    def cp_rank_size(self) -> tuple[int, int]:
+        group = self.cp_group
+        if group is None:
+            from megatron.core import parallel_state as ps
+
+            if not ps.model_parallel_is_initialized():
+                return 0, 1
+            group = ps.get_context_parallel_group()
+        return dist.get_rank(group), dist.get_world_size(group)
+
+    def positions(self, n_local: int, start: int | None = None, device=None) -> torch.Tensor:
+        """Global positions of this rank's tokens (CP shards are contiguous)."""
+        if start is None:
+            start = self.cp_rank_size()[0] * n_local
+        return torch.arange(start, start + n_local, device=device)
+
+    def project(self, x: torch.Tensor):
+        b, n, _ = x.shape
+        shape = (b, n, self.local_heads, self.head_dim)
+        return tuple(proj(x)[0].view(shape) for proj in (self.q_proj, self.k_proj, self.v_proj))
+
+    def maybe_rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return x if self.rotary_theta is None else rotate(x, positions, self.rotary_theta)
+
+    def replicated(self, p: torch.Tensor) -> torch.Tensor:
+        """A TP-replicated parameter used on this rank's heads only: TP-sum its gradient."""
+        return copy_to_group(p, self.tp_group) if self.tp > 1 else p
+
+    def finish(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        b, n = o.shape[:2]
+        if self.out_norm is not None:
+            o32 = o.float()
+            o32 = o32 * torch.rsqrt(o32.pow(2).mean(-1, keepdim=True) + self.norm_eps)
+            o = (o32 * self.replicated(self.out_norm).float()).to(o.dtype)
+        o = o.reshape(b, n, self.local_heads * self.head_dim)
+        if self.gate_proj is not None:
+            o = o * torch.nn.functional.silu(self.gate_proj(x)[0])
+        return self.o_proj(o)[0]
+
+
+class ParallelMHLAttention(AttentionProjections):
     """MHLA self-attention, heads split over `tp_group`, tokens over `cp_group`.
 
     Args:
@@ -67,6 +157,8 @@ class ParallelMHLAttention(nn.Module):
             `[H, max_blocks, max_blocks]` (per head); shorter sequences use its corner.
         mixing_init: the full initial `Mc` (`[M, M]`, or `[H, M, M]` when per head);
             default identity.
+        output_gate, output_norm, rotary_theta: see `AttentionProjections`; the rotary
+            embedding is applied after the feature map (so only with normalize=False).
         tp_group, cp_group: process groups (default megatron-core's TP and CP groups).
     """
 
@@ -84,31 +176,21 @@ class ParallelMHLAttention(nn.Module):
         per_head_mixing: bool = False,
         mixing_init: torch.Tensor | None = None,
         bias: bool = False,
+        output_gate: bool = False,
+        output_norm: bool = False,
+        norm_eps: float = 1e-6,
+        rotary_theta: float | None = None,
         tp_group=None,
         cp_group=None,
     ) -> None:
-        super().__init__()
-        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-
-        tp_group, tp = resolve_tp_group(tp_group)
-        if num_heads % tp:
-            raise ValueError(f"tp={tp} does not divide the {num_heads} attention heads")
-        self.tp, self.tp_group, self.cp_group = tp, tp_group, cp_group
-        self.num_heads, self.local_heads, self.head_dim = num_heads, num_heads // tp, head_dim
+        super().__init__(hidden_size, num_heads, head_dim, bias=bias, output_gate=output_gate,
+                         output_norm=output_norm, norm_eps=norm_eps, rotary_theta=rotary_theta,
+                         tp_group=tp_group, cp_group=cp_group)
+        if normalize and rotary_theta is not None:
+            raise ValueError("a rotary embedding after the feature map makes features signed: "
+                             "it needs normalize=False")
         self.block_size, self.causal, self.normalize = block_size, causal, normalize
         self.phi = feature_map(feature, normalize=normalize)
-        config = tp_config(tp)
-        init = _init_normal(hidden_size**-0.5)
-        col = dict(config=config, init_method=init, bias=bias, gather_output=False,
-                   tp_group=tp_group)
-        self.q_proj = ColumnParallelLinear(hidden_size, num_heads * head_dim, **col)
-        self.k_proj = ColumnParallelLinear(hidden_size, num_heads * head_dim, **col)
-        self.v_proj = ColumnParallelLinear(hidden_size, num_heads * head_dim, **col)
-        self.o_proj = RowParallelLinear(
-            num_heads * head_dim, hidden_size, config=config,
-            init_method=_init_normal((num_heads * head_dim) ** -0.5), bias=bias,
-            input_is_parallel=True, skip_bias_add=False, tp_group=tp_group,
-        )
         full = torch.eye(max_blocks) if mixing_init is None else mixing_init.float()
         if per_head_mixing and full.dim() == 2:
             full = full.expand(num_heads, max_blocks, max_blocks)
@@ -116,7 +198,7 @@ class ParallelMHLAttention(nn.Module):
         if tuple(full.shape) != expect:
             raise ValueError(f"mixing_init has shape {tuple(full.shape)}; expected {expect}")
         if per_head_mixing:
-            rank = dist.get_rank(tp_group)
+            rank = dist.get_rank(self.tp_group)
             full = full[rank * self.local_heads:(rank + 1) * self.local_heads]
         self.mixing = nn.Parameter(full.clone().contiguous())
         if per_head_mixing:
@@ -124,18 +206,37 @@ class ParallelMHLAttention(nn.Module):
             self.mixing.tensor_model_parallel, self.mixing.partition_dim = True, 0
             self.mixing.partition_stride = 1
 
+    def features(self, x: torch.Tensor, positions: torch.Tensor):
+        q, k, v = self.project(x)
+        q, k = (self.maybe_rotate(self.phi(t), positions) for t in (q, k))
+        return q, k, v
+
+    def mixing_for_heads(self) -> torch.Tensor:
+        return self.replicated(self.mixing) if self.mixing.dim() == 2 else self.mixing
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, _ = x.shape
-        shape = (b, n, self.local_heads, self.head_dim)
-        q = self.phi(self.q_proj(x)[0].view(shape))
-        k = self.phi(self.k_proj(x)[0].view(shape))
-        v = self.v_proj(x)[0].view(shape)
-        mixing = self.mixing
-        if mixing.dim() == 2 and self.tp > 1:
-            mixing = copy_to_group(mixing, self.tp_group)
-        o = cp_mhla(q, k, v, mixing, self.block_size, causal=self.causal,
+        q, k, v = self.features(x, self.positions(x.shape[1], device=x.device))
+        o = cp_mhla(q, k, v, self.mixing_for_heads(), self.block_size, causal=self.causal,
                     normalize=self.normalize, group=self.cp_group)
-        return self.o_proj(o.reshape(b, n, self.local_heads * self.head_dim))[0]
+        return self.finish(o, x)
+
+    @torch.no_grad()
+    def prefill(self, x: torch.Tensor):
+        """Causal forward of a whole prompt on one CP rank, and the decode state after it."""
+        if not self.causal or self.cp_rank_size()[1] != 1:
+            raise ValueError("decoding needs a causal layer and no context parallelism")
+        q, k, v = self.features(x, self.positions(x.shape[1], 0, x.device))
+        o = mhla(q, k, v, self.mixing, self.block_size, causal=True, normalize=self.normalize)
+        return self.finish(o, x), MHLADecodeState.from_prefill(k, v, self.mixing,
+                                                               self.block_size)
+
+    @torch.no_grad()
+    def step(self, x: torch.Tensor, state: MHLADecodeState) -> torch.Tensor:
+        """One token per sequence, `x` `[B, 1, hidden]`, at position `state.position`."""
+        q, k, v = self.features(x, self.positions(1, state.position, x.device))
+        o = mhla_decode_step(state, q[:, 0], k[:, 0], v[:, 0], self.mixing,
+                             normalize=self.normalize)
+        return self.finish(o[:, None].to(v.dtype), x)
 
 
 class ParallelSwiGLU(nn.Module):

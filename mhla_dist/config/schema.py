@@ -1,0 +1,130 @@
+"""The structured config of a run: one dataclass per section, omegaconf-typed.
+
+The `model` section is one of several model configs, chosen by its `kind` key
+(`lm` -> `LMConfig`, `dit` -> the DiT's config); the rest is fixed. Keys users and
+scripts rely on: `run_dir`, `resume`, `train.steps`, `train.seed`, `checkpoint.interval`,
+`checkpoint.keep_last`, `logging.wandb.mode`, `parallel.tp`, `parallel.cp`, `zero.stage`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class LMConfig:
+    """Decoder-only MHLA language model (causal)."""
+
+    kind: str = "lm"
+    vocab_size: int = 257  # byte-level: 256 bytes + end-of-document
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    head_dim: int | None = None  # default hidden_size // num_heads
+    ffn_hidden_size: int | None = None  # default ~8/3 hidden, a multiple of 64
+    max_seq_len: int = 256
+    block_size: int | None = None  # tokens per MHLA block (default 64), or:
+    num_blocks: int | None = None  # blocks per max_seq_len (long contexts bound M)
+    feature_map: str = "relu"
+    normalize: bool = False  # the output RMSNorm + gate take the denominator's place
+    output_norm: bool = True
+    output_gate: bool = True
+    rotary: bool = False
+    rope_theta: float = 10000.0
+    per_head_mixing: bool = False
+    softmax_layers: list[int] = field(default_factory=list)  # hybrid: SDPA in these layers
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    cp: int = 1  # data parallelism is what the world size leaves
+
+
+@dataclass
+class DataConfig:
+    kind: str = "text"  # text | video
+    train: str = ""  # shard URLs: a path, a brace pattern, pipe:...
+    eval: str = ""
+    seq_len: int | None = None  # default model.max_seq_len
+    micro_batch_size: int = 1
+    workers: int = 0
+    shuffle_buffer: int = 1000
+    seed: int = 0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables
+
+
+@dataclass
+class ZeroConfig:
+    stage: int = 0
+
+
+@dataclass
+class ScheduleConfig:
+    kind: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant
+    warmup_steps: int = 0
+    decay_fraction: float = 0.2  # wsd: the last fraction of the steps decays
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "mhla-dist"
+    name: str | None = None
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = 10
+    peak_flops: float = 0.0  # per device, for MFU; 0 leaves MFU out
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 0  # steps; 0 saves only at the end
+    keep_last: int = 3
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    seed: int = 0
+    grad_accum: int = 1
+    precision: str = "fp32"  # fp32 | bf16
+    eval_interval: int = 0
+    eval_steps: int = 10
+    max_nonfinite_steps: int = 5
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/default"
+    resume: str = "auto"  # auto | none | a checkpoint path
+    model: Any = field(default_factory=lambda: {"kind": "lm"})
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# `model.kind` -> its config class.
+MODEL_CONFIGS: dict[str, type] = {"lm": LMConfig}

@@ -1,0 +1,154 @@
+"""The MHLA language model: decoder-only, pre-norm, causal MHLA (or SDPA in chosen layers).
+
+    tokens -> embedding -> [RMSNorm -> attention -> + -> RMSNorm -> SwiGLU -> +] x L
+           -> RMSNorm -> head (tied to the embedding or not) -> logits
+
+Attention is MHLA with the feature map, optionally a rotary embedding, the per-head output
+RMSNorm and the SiLU output gate the authors use for language models, and `Mc` initialised
+to the causal row average over `max_seq_len / block_size` blocks. Heads are split over TP,
+tokens over CP (each rank feeds its contiguous slice of the sequence). Generation decodes
+one token at a time with the recurrent state, equal to the parallel forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from mhla_dist.config import LMConfig, resolve_lm
+from mhla_dist.parallel.softmax_attention import ParallelSoftmaxAttention
+from mhla_dist.parallel.tp_layers import ParallelMHLAttention, ParallelSwiGLU
+from mhla_kernels import causal_mixing
+
+from .layers import RMSNorm
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LMConfig, index: int, *, tp_group=None, cp_group=None) -> None:
+        super().__init__()
+        common = dict(output_gate=cfg.output_gate, output_norm=cfg.output_norm,
+                      norm_eps=cfg.norm_eps, rotary_theta=cfg.rope_theta if cfg.rotary else None,
+                      tp_group=tp_group, cp_group=cp_group)
+        if index in cfg.softmax_layers:
+            self.attn = ParallelSoftmaxAttention(cfg.hidden_size, cfg.num_heads, cfg.head_dim,
+                                                 causal=True, **common)
+        else:
+            self.attn = ParallelMHLAttention(
+                cfg.hidden_size, cfg.num_heads, cfg.head_dim, block_size=cfg.block_size,
+                max_blocks=cfg.num_blocks, causal=True, feature=cfg.feature_map,
+                normalize=cfg.normalize, per_head_mixing=cfg.per_head_mixing,
+                mixing_init=causal_mixing(cfg.num_blocks), **common)
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mlp = ParallelSwiGLU(cfg.hidden_size, cfg.ffn_hidden_size, tp_group=tp_group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x))
+        return x + self.mlp(self.mlp_norm(x))
+
+    def prefill(self, x: torch.Tensor):
+        h, state = self.attn.prefill(self.attn_norm(x))
+        x = x + h
+        return x + self.mlp(self.mlp_norm(x)), state
+
+    def step(self, x: torch.Tensor, state) -> torch.Tensor:
+        x = x + self.attn.step(self.attn_norm(x), state)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class MHLALanguageModel(nn.Module):
+    """Causal LM over this rank's token slice `[B, N_local]` -> logits `[B, N_local, V]`.
+
+    The embedding, final norm and head are replicated on TP ranks (they see the same
+    all-reduced hidden states, so their gradients agree without communication).
+    """
+
+    def __init__(self, cfg: LMConfig, *, tp_group=None, cp_group=None) -> None:
+        super().__init__()
+        self.cfg = cfg = resolve_lm(cfg)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        nn.init.normal_(self.embed.weight, std=cfg.init_std)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, tp_group=tp_group, cp_group=cp_group)
+                                    for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.head = None
+        if not cfg.tie_embeddings:
+            self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            nn.init.normal_(self.head.weight, std=cfg.init_std)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        weight = self.embed.weight if self.head is None else self.head.weight
+        return F.linear(self.norm(h), weight)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.embed(tokens)
+        for layer in self.layers:
+            if self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
+                h = checkpoint(layer, h, use_reentrant=False)
+            else:
+                h = layer(h)
+        return self.logits(h)
+
+    def loss(self, tokens: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100):
+        """`(sum of token cross-entropies, number of target tokens)` on this rank: the
+        trainer divides by the global count (DESIGN §2)."""
+        logits = self(tokens).float()
+        total = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum",
+                                ignore_index=ignore_index)
+        return total, (targets != ignore_index).sum()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @torch.no_grad()
+    def decode_logits(self, tokens: torch.Tensor, prompt_len: int) -> torch.Tensor:
+        """Logits of every position: the prompt by a parallel prefill, the rest one token
+        at a time with the recurrent states (what `generate` does, teacher-forced)."""
+        h = self.embed(tokens[:, :prompt_len])
+        states = []
+        for layer in self.layers:
+            h, state = layer.prefill(h)
+            states.append(state)
+        out = [self.logits(h)]
+        for t in range(prompt_len, tokens.shape[1]):
+            h = self.embed(tokens[:, t:t + 1])
+            for layer, state in zip(self.layers, states, strict=True):
+                h = layer.step(h, state)
+            out.append(self.logits(h))
+        return torch.cat(out, dim=1)
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None):
+        """Sample `max_new_tokens` after `prompt` `[B, P]` (P >= 1); temperature 0 is greedy."""
+        limit = self.cfg.max_seq_len
+        if prompt.shape[1] + max_new_tokens > limit:
+            raise ValueError(f"prompt {prompt.shape[1]} + {max_new_tokens} new tokens exceed "
+                             f"model.max_seq_len={limit}")
+        h = self.embed(prompt)
+        states = []
+        for layer in self.layers:
+            h, state = layer.prefill(h)
+            states.append(state)
+        tokens = [prompt]
+        logits = self.logits(h[:, -1:])
+        for _ in range(max_new_tokens):
+            nxt = _sample(logits[:, -1].float(), temperature, top_k, generator)
+            tokens.append(nxt)
+            h = self.embed(nxt)
+            for layer, state in zip(self.layers, states, strict=True):
+                h = layer.step(h, state)
+            logits = self.logits(h)
+        return torch.cat(tokens, dim=1)
+
+
+def _sample(logits, temperature, top_k, generator):
+    if temperature <= 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)

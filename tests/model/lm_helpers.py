@@ -1,0 +1,18 @@
+"""Shared pieces of the LM tests."""
+
+import torch
+
+from mhla_dist.config import LMConfig
+
+TINY = dict(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, max_seq_len=64,
+            block_size=8, rotary=True)
+
+
+def tiny_lm_config(**overrides) -> LMConfig:
+    return LMConfig(**{**TINY, **overrides})
+
+
+def token_batch(batch=2, n=64, vocab=50, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    seq = torch.randint(0, vocab, (batch, n + 1), generator=g)
+    return seq[:, :-1], seq[:, 1:]
