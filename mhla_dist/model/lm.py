@@ -94,7 +94,8 @@ class MHLALanguageModel(nn.Module):
     def loss(self, tokens: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100):
         """`(sum of token cross-entropies, number of target tokens)` on this rank: the
         trainer divides by the global count (DESIGN §2)."""
-        logits = self(tokens).float()
+        logits = self(tokens)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         total = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum",
                                 ignore_index=ignore_index)
         return total, (targets != ignore_index).sum()

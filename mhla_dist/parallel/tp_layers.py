@@ -139,9 +139,10 @@ class AttentionProjections(nn.Module):
     def finish(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         b, n = o.shape[:2]
         if self.out_norm is not None:
-            o32 = o.float()
+            dtype = torch.promote_types(o.dtype, torch.float32)
+            o32 = o.to(dtype)
             o32 = o32 * torch.rsqrt(o32.pow(2).mean(-1, keepdim=True) + self.norm_eps)
-            o = (o32 * self.replicated(self.out_norm).float()).to(o.dtype)
+            o = (o32 * self.replicated(self.out_norm).to(dtype)).to(o.dtype)
         o = o.reshape(b, n, self.local_heads * self.head_dim)
         if self.gate_proj is not None:
             o = o * torch.nn.functional.silu(self.gate_proj(x)[0])
