@@ -66,7 +66,8 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     (["optim.lr=0"], r"optim.lr=0.0 must be > 0"),
     (["optim.betas=[0.9]"], r"optim.betas=\[0.9\] must be two numbers in \[0, 1\)"),
     (["schedule.decay_fraction=0"], r"schedule.decay_fraction=0.0 must be in \(0, 1\]"),
-    (["resume="], r"resume='' must be 'auto', 'none' or a checkpoint path"),
+    (["resume=''"], r"resume='' must be 'auto', 'none' or a checkpoint path"),
+    (["resume="], r"config key 'resume': Incompatible value 'None'"),
 ])
 def test_config_errors_name_key_and_value(overrides, message):
     with pytest.raises(ConfigError, match=message):
