@@ -1,0 +1,118 @@
+"""Checkpoints: DeepSpeed's engine state plus what DeepSpeed does not know about.
+
+    run_dir/checkpoints/
+        step00000100/                  DeepSpeed's files (model, ZeRO optimizer shards)
+            trainer_state/rank00000.pt step, data-loader state, RNG states (one per rank)
+            config.yaml                the resolved config
+        latest                         the tag of the newest *complete* checkpoint
+
+`latest` is replaced atomically (write, then rename) by rank 0 only after every rank
+finished writing (a barrier), so a crash mid-save leaves the previous checkpoint in
+charge; a folder newer than `latest` is ignored with a warning. The same `latest` file
+is what DeepSpeed's own tools (`zero_to_fp32`) read. Only the newest `keep_last` are kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("mhla_dist.train")
+LATEST = "latest"
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def _tags(ckpt_dir: Path) -> list[str]:
+    return sorted(p.name for p in ckpt_dir.glob("step*") if p.is_dir())
+
+
+def find_resume(ckpt_dir: Path, resume: str) -> Path | None:
+    """The checkpoint folder to resume from: `latest` (resume=auto), a given folder, or
+    None (resume=none, or nothing complete yet)."""
+    if resume == "none":
+        return None
+    if resume != "auto":
+        path = Path(resume)
+        if not (path / "trainer_state").is_dir():
+            raise FileNotFoundError(
+                f"resume={resume!r} is not a complete checkpoint folder (no trainer_state/ "
+                f"inside); give a folder like {ckpt_dir / tag_for(100)} or resume=auto")
+        return path
+    latest = ckpt_dir / LATEST
+    tags = _tags(ckpt_dir) if ckpt_dir.is_dir() else []
+    if not latest.is_file():
+        if tags:
+            log.warning("ignoring checkpoint folders %s in %s: no completed 'latest' entry "
+                        "(a save that did not finish); starting from scratch", tags, ckpt_dir)
+        return None
+    tag = latest.read_text().strip()
+    newer = [t for t in tags if t > tag]
+    if newer:
+        log.warning("ignoring checkpoint folders %s newer than latest=%s (incomplete saves)",
+                    newer, tag)
+    path = ckpt_dir / tag
+    if not path.is_dir():
+        log.warning("'latest' names %s, which does not exist; starting from scratch", tag)
+        return None
+    return path
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+             "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(engine, ckpt_dir: Path, step: int, trainer_state: dict, keep_last: int,
+                    config_yaml: str) -> Path:
+    """Save on every rank; returns the checkpoint folder."""
+    tag = tag_for(step)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step},
+                           save_latest=False)
+    path = ckpt_dir / tag
+    (path / "trainer_state").mkdir(parents=True, exist_ok=True)
+    torch.save(trainer_state, path / "trainer_state" / f"rank{dist.get_rank():05d}.pt")
+    dist.barrier()
+    if dist.get_rank() == 0:
+        (path / "config.yaml").write_text(config_yaml)
+        tmp = ckpt_dir / f".{LATEST}.tmp"
+        tmp.write_text(tag)
+        os.replace(tmp, ckpt_dir / LATEST)
+        for old in _tags(ckpt_dir)[:-keep_last]:
+            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+    dist.barrier()
+    return path
+
+
+def load_checkpoint(engine, path: Path) -> dict:
+    """Restore the engine from `path` and return this rank's trainer state."""
+    loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
+    if loaded is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
+    mine = path / "trainer_state" / f"rank{dist.get_rank():05d}.pt"
+    if not mine.is_file():
+        # A new layout: take rank 0's state (the data loader then continues from the
+        # same global sample count).
+        log.warning("%s missing (the layout changed?); using rank 0's trainer state", mine)
+        mine = path / "trainer_state" / f"rank{0:05d}.pt"
+    return torch.load(mine, weights_only=False)

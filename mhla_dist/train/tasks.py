@@ -1,0 +1,65 @@
+"""What differs between model kinds in training: the model, its data, its loss.
+
+A task's `loss(engine, batch)` returns this rank's `(sum of per-element losses, number of
+elements)`; the trainer turns it into the global mean (DESIGN §2).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mhla_dist.config import Config, LMConfig
+from mhla_dist.data import IGNORE_INDEX, cp_slice, lm_loader
+from mhla_dist.parallel import Topology
+
+
+class LMTask:
+    """Causal language modelling on packed token windows."""
+
+    def __init__(self, cfg: Config, topo: Topology) -> None:
+        self.cfg, self.topo = cfg, topo
+        self.seq_len = cfg.data.seq_len or cfg.model.max_seq_len
+
+    def build_model(self) -> torch.nn.Module:
+        from mhla_dist.model.lm import MHLALanguageModel
+
+        return MHLALanguageModel(self.cfg.model, tp_group=self.topo.tp_group,
+                                 cp_group=self.topo.cp_group)
+
+    def loader(self, split: str):
+        d, t = self.cfg.data, self.topo
+        urls = d.train if split == "train" else d.eval
+        if not urls:
+            return None
+        return lm_loader(urls, seq_len=self.seq_len, batch_size=d.micro_batch_size,
+                         dp_rank=t.dp_rank, dp_size=t.dp, num_workers=d.workers,
+                         seed=d.seed, shuffle=split == "train", shuffle_buffer=d.shuffle_buffer,
+                         vocab_size=self.cfg.model.vocab_size)
+
+    def loss(self, engine, batch: dict):
+        local = cp_slice(batch, self.topo.cp_rank, self.topo.cp)
+        tokens = local["input_ids"].to(self.topo.device)
+        targets = local["labels"].to(self.topo.device)
+        logits = engine(tokens)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        total = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(),
+                                                  reduction="sum", ignore_index=IGNORE_INDEX)
+        return total, (targets != IGNORE_INDEX).sum()
+
+    def samples_and_tokens(self) -> tuple[int, int]:
+        """Per micro-batch of one DP replica."""
+        b = self.cfg.data.micro_batch_size
+        return b, b * self.seq_len
+
+    def flops_per_token(self) -> float:
+        from mhla_dist.model.lm_flops import lm_flops_per_token
+
+        return lm_flops_per_token(self.cfg.model, self.seq_len)
+
+
+def make_task(cfg: Config, topo: Topology):
+    if isinstance(cfg.model, LMConfig):
+        return LMTask(cfg, topo)
+    from .dit_task import DiTTask
+
+    return DiTTask(cfg, topo)
