@@ -1,0 +1,48 @@
+"""Run the trainer on spawned gloo ranks over the embedded corpus, for the trainer tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+TINY_RUN = [
+    "model.vocab_size=257", "model.hidden_size=32", "model.num_layers=2", "model.num_heads=2",
+    "model.max_seq_len=64", "model.block_size=16", "data.micro_batch_size=2",
+    "logging.interval=1", "logging.wandb.mode=disabled", "optim.lr=3e-3",
+    "schedule.kind=constant", "data.shuffle_buffer=16",
+]
+
+
+def corpus(tmp: Path) -> list[str]:
+    from mhla_dist.data import build_default_corpus
+
+    info = build_default_corpus(tmp / "corpus", docs_per_shard=8)
+    return [f"data.train={info.train}", f"data.eval={info.eval}"]
+
+
+def train_rank_fn(rank, world, overrides, patch=None):
+    """Train with `overrides`; returns the metrics rows (rank 0) and the parameters."""
+    from mhla_dist.config import load_config
+    from mhla_dist.train import Trainer
+
+    cfg = load_config(None, TINY_RUN + list(overrides))
+    trainer = Trainer(cfg)
+    if patch is not None:
+        patch(trainer)
+    trainer.train()
+    rows = []
+    if rank == 0:
+        path = Path(cfg.run_dir) / "metrics.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+    params = {n: p.detach().clone() for n, p in trainer.engine.module.named_parameters()}
+    return {"rows": rows, "params": params, "topology": trainer.topo.describe()}
+
+
+def losses(result) -> list[float]:
+    return [row["loss"] for row in result["rows"]]
+
+
+def gathered_params(result) -> dict[str, torch.Tensor]:
+    return result["params"]
