@@ -1,6 +1,7 @@
 """Structured configs (omegaconf): model, parallel layout, data, optimiser, ZeRO, schedule,
 logging, checkpointing; YAML + `key=value` loading, validated once."""
 
+from .dit import DIT_PRESETS, DiTConfig, dit_config
 from .loading import build_config, config_to_yaml, load_config, save_config
 from .schema import (
     MODEL_CONFIGS,
@@ -19,6 +20,9 @@ from .schema import (
 from .validation import ConfigError, resolve_lm, validate
 
 __all__ = [
+    "DIT_PRESETS",
+    "DiTConfig",
+    "dit_config",
     "MODEL_CONFIGS",
     "CheckpointConfig",
     "Config",

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .dit import DiTConfig
+
 
 @dataclass
 class LMConfig:
@@ -127,4 +129,4 @@ class Config:
 
 
 # `model.kind` -> its config class.
-MODEL_CONFIGS: dict[str, type] = {"lm": LMConfig}
+MODEL_CONFIGS: dict[str, type] = {"lm": LMConfig, "dit": DiTConfig}

@@ -129,9 +129,10 @@ def validate(cfg: Config) -> None:
         out.append("resume='' must be 'auto', 'none' or a checkpoint path")
     if isinstance(cfg.model, LMConfig):
         _check_lm(cfg.model, cfg, out)
-    elif hasattr(cfg.model, "validate"):
+    else:
         try:
             cfg.model.validate()
+            cfg.model.check_parallel(cfg.parallel.tp, cfg.parallel.cp)
         except ValueError as exc:
             out.append(str(exc))
     if out:

@@ -70,9 +70,9 @@ def _flops(cfg: Config) -> tuple[float | None, float | None, int]:
         seq = cfg.data.seq_len or cfg.model.max_seq_len
         per_token = lm_flops_per_token(cfg.model, seq)
         return per_token, per_token * seq, seq
-    from .dit import dit_flops_per_sample, dit_num_tokens
+    from .dit_cost import dit_flops_per_sample
 
-    return None, dit_flops_per_sample(cfg.model), dit_num_tokens(cfg.model)
+    return None, dit_flops_per_sample(cfg.model), cfg.model.num_tokens
 
 
 def _hidden_and_layers(model_cfg) -> tuple[int, int, bool]:

@@ -39,7 +39,7 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     (["model.hiden_size=3"], r"config key 'model.hiden_size': Key 'hiden_size' not in"),
     (["trian.steps=3"], r"config key 'trian': Key 'trian' not in"),
     (["model.hidden_size=abc"], r"'model.hidden_size': Value 'abc' of type 'str' could not"),
-    (["model.kind=rnn"], r"model.kind='rnn' is not one of lm"),
+    (["model.kind=rnn"], r"model.kind='rnn' is not one of dit, lm"),
     (["steps"], r"override 'steps' is not of the form key=value"),
     (["model.max_seq_len=1000"], r"model.max_seq_len=1000 is not a multiple of "
                                  r"model.block_size=64"),

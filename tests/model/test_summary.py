@@ -48,3 +48,11 @@ def test_bad_config_is_an_error(capsys):
     assert "parallel.cp=3 does not divide" in capsys.readouterr().err
     assert main(["--config", "configs/lm/tiny.yaml", "--world-size", "3",
                  "parallel.cp=2"]) == 2
+
+
+def test_dit_presets_are_summarized_per_sample(capsys):
+    assert main(["--config", "configs/dit/xl2.yaml", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert abs(out["parameters"] / 675e6 - 1) < 0.05
+    assert out["flops_per_token"] is None and out["flops_per_sample"] > 0
+    assert out["tokens_per_sample"] == 256

@@ -1,0 +1,199 @@
+"""The DiT's own layers: conditioning embedders, 3-D position embedding, the tensor-parallel
+GELU MLP and the softmax attention of hybrid (`softmax_layers`) blocks.
+
+Parallel layers follow `mhla_dist.parallel.tp_layers`: heads and MLP columns split over
+TP with megatron-core's column/row-parallel linears; tokens split over CP.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from mhla_dist.parallel import gather_from_group
+from mhla_dist.parallel.tp_layers import resolve_tp_group, tp_config
+
+from .patchify import token_positions
+
+# Diffusion time t in [0, 1] is embedded as t * TIME_SCALE, the range DiT's sinusoids were
+# designed for (its 1000 discrete steps).
+TIME_SCALE = 1000.0
+FREQUENCY_EMBEDDING_SIZE = 256
+
+
+def sinusoidal_embedding(pos: torch.Tensor, dim: int, max_period: float = 10000.0):
+    """`[..., dim]` sin/cos features of positions `pos` (`[...]`); `dim` even: cos, then sin
+    (DiT's order); odd `dim` gets a zero column."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float64) / half)
+    args = pos.double()[..., None] * freqs.to(pos.device)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[..., :1])], dim=-1)
+    return emb
+
+
+def sincos_pos_embed_3d(hidden_size: int, patch_grid: Sequence[int],
+                        block_grid: Sequence[int]) -> torch.Tensor:
+    """Fixed 3-D position embedding `[N, hidden]` in block-major token order.
+
+    Each of the (f, h, w) coordinates gets `2 * (hidden // 6)` sin/cos features; the
+    remaining `hidden % 6` columns are zero.
+    """
+    pos = token_positions(patch_grid, block_grid)  # [N, 3]
+    per_axis = 2 * (hidden_size // 6)
+    emb = torch.cat([sinusoidal_embedding(pos[:, i], per_axis) for i in range(3)], dim=-1)
+    return F.pad(emb, (0, hidden_size - emb.shape[-1])).float()
+
+
+class TimestepEmbedder(nn.Module):
+    """Diffusion time `t` in [0, 1] `[B]` -> `[B, hidden]`: sinusoids, then an MLP."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(FREQUENCY_EMBEDDING_SIZE, hidden_size), nn.SiLU(),
+                                 nn.Linear(hidden_size, hidden_size))
+        for layer in (self.mlp[0], self.mlp[2]):
+            nn.init.normal_(layer.weight, std=0.02)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        freq = sinusoidal_embedding(t * TIME_SCALE, FREQUENCY_EMBEDDING_SIZE)
+        return self.mlp(freq.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels `[B]` (`num_classes` = the null class) -> `[B, hidden]`."""
+
+    def __init__(self, num_classes: int, hidden_size: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.table = nn.Embedding(num_classes + 1, hidden_size)
+        nn.init.normal_(self.table.weight, std=0.02)
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        # Checked on the CPU only: on a GPU the check would synchronise every step (and
+        # the embedding's own device assert catches it there).
+        if not labels.is_cuda and (labels.min() < 0 or labels.max() > self.num_classes):
+            raise ValueError(f"labels must be in [0, {self.num_classes}] ({self.num_classes} "
+                             f"= the null class); got {labels.min()}..{labels.max()}")
+        return self.table(labels)
+
+
+class CaptionEmbedder(nn.Module):
+    """A pooled caption embedding `[B, caption_dim]` -> `[B, hidden]` (MLP). A dropped
+    caption is the zero vector."""
+
+    def __init__(self, caption_dim: int, hidden_size: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(caption_dim, hidden_size), nn.SiLU(),
+                                 nn.Linear(hidden_size, hidden_size))
+        for layer in (self.mlp[0], self.mlp[2]):
+            nn.init.normal_(layer.weight, std=0.02)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, caption: torch.Tensor) -> torch.Tensor:
+        return self.mlp(caption)
+
+
+def _require_megatron_groups() -> None:
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        raise RuntimeError("the DiT needs process groups: pass tp_group=/cp_group= or build "
+                           "the topology first (mhla_dist.parallel.build_topology)")
+
+
+def resolve_cp_group(cp_group=None):
+    """`(group, size, rank)`: the given group, or megatron-core's context-parallel group."""
+    if cp_group is None:
+        from megatron.core import parallel_state as ps
+
+        _require_megatron_groups()
+        cp_group = ps.get_context_parallel_group()
+    return cp_group, dist.get_world_size(cp_group), dist.get_rank(cp_group)
+
+
+def resolve_groups(tp_group=None, cp_group=None):
+    """`(tp_group, tp, cp_group, cp, cp_rank)`; None means megatron-core's group."""
+    if tp_group is None:
+        _require_megatron_groups()
+    tp_group, tp = resolve_tp_group(tp_group)
+    return (tp_group, tp, *resolve_cp_group(cp_group))
+
+
+def _linears(hidden: int, inner: int, config, bias: bool, tp_group, init_std: float):
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    def init(std):
+        return lambda w: nn.init.normal_(w, std=std)
+
+    def column():
+        return ColumnParallelLinear(hidden, inner, config=config, init_method=init(init_std),
+                                    bias=bias, gather_output=False, tp_group=tp_group)
+
+    def row():
+        return RowParallelLinear(inner, hidden, config=config, init_method=init(inner**-0.5),
+                                 bias=bias, input_is_parallel=True, skip_bias_add=False,
+                                 tp_group=tp_group)
+
+    return column, row
+
+
+class ParallelGeluMLP(nn.Module):
+    """`fc2(gelu_tanh(fc1(x)))`, fc1 column-parallel, fc2 row-parallel over `tp_group`."""
+
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, *, bias: bool = True,
+                 tp_group=None) -> None:
+        super().__init__()
+        tp_group, tp = resolve_tp_group(tp_group)
+        if ffn_hidden_size % tp:
+            raise ValueError(f"tp={tp} does not divide ffn_hidden_size={ffn_hidden_size}")
+        column, row = _linears(hidden_size, ffn_hidden_size, tp_config(tp), bias, tp_group,
+                               hidden_size**-0.5)
+        self.fc1, self.fc2 = column(), row()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)[0], approximate="tanh"))[0]
+
+
+class ParallelSoftmaxAttention(nn.Module):
+    """Non-causal softmax self-attention (SDPA), heads split over TP, tokens over CP.
+
+    Under context parallelism every rank all-gathers K and V over `cp_group` (their
+    gradients are reduce-scattered back) and attends its local queries to all tokens. The
+    projections are named like `ParallelMHLAttention`'s so the two are interchangeable.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, head_dim: int, *, bias: bool = True,
+                 tp_group=None, cp_group=None) -> None:
+        super().__init__()
+        tp_group, tp = resolve_tp_group(tp_group)
+        if num_heads % tp:
+            raise ValueError(f"tp={tp} does not divide the {num_heads} attention heads")
+        self.cp_group, self.cp, _ = resolve_cp_group(cp_group)
+        self.local_heads, self.head_dim = num_heads // tp, head_dim
+        column, row = _linears(hidden_size, num_heads * head_dim, tp_config(tp), bias,
+                               tp_group, hidden_size**-0.5)
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = column(), column(), column(), row()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        shape = (b, n, self.local_heads, self.head_dim)
+        q, k, v = (proj(x)[0].view(shape) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        if self.cp > 1:
+            k = gather_from_group(k, 1, self.cp_group)
+            v = gather_from_group(v, 1, self.cp_group)
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                           v.transpose(1, 2))
+        return self.o_proj(o.transpose(1, 2).reshape(b, n, self.local_heads * self.head_dim))[0]
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: `x * (1 + scale) + shift` with per-sample `[B, hidden]` shift and scale."""
+    return x * (1 + scale[:, None]) + shift[:, None]
