@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mhla_dist.config.dit import DiTConfig
 from mhla_dist.parallel import gather_from_group
+from mhla_dist.parallel.softmax_attention import ParallelSoftmaxAttention
 from mhla_dist.parallel.tp_layers import ParallelMHLAttention
 from mhla_kernels import block_grid_mixing
 
@@ -29,7 +30,6 @@ from .dit_layers import (
     CaptionEmbedder,
     LabelEmbedder,
     ParallelGeluMLP,
-    ParallelSoftmaxAttention,
     TimestepEmbedder,
     modulate,
     resolve_groups,
@@ -60,7 +60,8 @@ class DiTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(h, elementwise_affine=False, eps=1e-6)
         self.softmax = layer in cfg.softmax_layers
         if self.softmax:
-            self.attn = ParallelSoftmaxAttention(h, cfg.num_heads, cfg.head_dim, bias=cfg.bias,
+            self.attn = ParallelSoftmaxAttention(h, cfg.num_heads, cfg.head_dim, causal=False,
+                                                 bias=cfg.bias,
                                                  tp_group=tp_group, cp_group=cp_group)
         else:
             self.attn = ParallelMHLAttention(

@@ -15,7 +15,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from mhla_dist.parallel import gather_from_group
 from mhla_dist.parallel.tp_layers import resolve_tp_group, tp_config
 
 from .patchify import token_positions
@@ -160,38 +159,6 @@ class ParallelGeluMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x)[0], approximate="tanh"))[0]
-
-
-class ParallelSoftmaxAttention(nn.Module):
-    """Non-causal softmax self-attention (SDPA), heads split over TP, tokens over CP.
-
-    Under context parallelism every rank all-gathers K and V over `cp_group` (their
-    gradients are reduce-scattered back) and attends its local queries to all tokens. The
-    projections are named like `ParallelMHLAttention`'s so the two are interchangeable.
-    """
-
-    def __init__(self, hidden_size: int, num_heads: int, head_dim: int, *, bias: bool = True,
-                 tp_group=None, cp_group=None) -> None:
-        super().__init__()
-        tp_group, tp = resolve_tp_group(tp_group)
-        if num_heads % tp:
-            raise ValueError(f"tp={tp} does not divide the {num_heads} attention heads")
-        self.cp_group, self.cp, _ = resolve_cp_group(cp_group)
-        self.local_heads, self.head_dim = num_heads // tp, head_dim
-        column, row = _linears(hidden_size, num_heads * head_dim, tp_config(tp), bias,
-                               tp_group, hidden_size**-0.5)
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = column(), column(), column(), row()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, _ = x.shape
-        shape = (b, n, self.local_heads, self.head_dim)
-        q, k, v = (proj(x)[0].view(shape) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        if self.cp > 1:
-            k = gather_from_group(k, 1, self.cp_group)
-            v = gather_from_group(v, 1, self.cp_group)
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                           v.transpose(1, 2))
-        return self.o_proj(o.transpose(1, 2).reshape(b, n, self.local_heads * self.head_dim))[0]
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ from mhla_dist.model.dit import DiT
 from mhla_dist.model.dit_cost import dit_num_parameters
 from mhla_dist.model.rectified_flow import rectified_flow_loss
 from mhla_kernels import block_grid_mixing
+from tests.model.dit_helpers import batch, perturb
 from tests.numerics import rel_err
 
 
@@ -30,26 +31,6 @@ def solo():
 def build(solo, seed=0, **overrides):
     torch.manual_seed(seed)
     return DiT(dit_config("tiny", **overrides), tp_group=solo, cp_group=solo)
-
-
-def batch(cfg, b=2, seed=0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    clip = torch.randn(b, cfg.in_channels, cfg.frames, cfg.height, cfg.width, generator=g,
-                       dtype=dtype)
-    noise = torch.randn(clip.shape, generator=g, dtype=dtype)
-    t = torch.rand(b, generator=g, dtype=dtype)
-    labels = torch.randint(0, cfg.num_classes + 1, (b,), generator=g)
-    return clip, noise, t, labels
-
-
-def perturb(model, seed=1, scale=0.05):
-    """Move every weight off its initialisation (adaLN-Zero would zero most gradients)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.rand(p.shape, generator=g, dtype=p.dtype) if "mixing" in name \
-                else torch.randn(p.shape, generator=g, dtype=p.dtype)
-            p.mul_(1 + 0.5 * noise) if "mixing" in name else p.add_(scale * noise)
 
 
 @pytest.mark.parametrize("overrides", [

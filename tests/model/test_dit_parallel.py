@@ -34,7 +34,7 @@ def _case(cfg_overrides, tp_group, cp_group, solo):
     from mhla_dist.model.dit import DiT
     from mhla_dist.model.rectified_flow import rectified_flow_loss
     from mhla_dist.parallel.tp_state import full_grads, full_state_dict, load_full_state_dict
-    from tests.model.test_dit import batch, perturb
+    from tests.model.dit_helpers import batch, perturb
 
     cfg = dit_config("tiny", **cfg_overrides)
     torch.manual_seed(11)
@@ -91,7 +91,7 @@ def _default_groups_case():
     from mhla_dist.config.dit import dit_config
     from mhla_dist.model.dit import DiT
     from mhla_dist.parallel import build_topology
-    from tests.model.test_dit import batch, perturb
+    from tests.model.dit_helpers import batch, perturb
 
     topo = build_topology(tp=2, cp=2)
     cfg = dit_config("tiny", softmax_layers=[1])
