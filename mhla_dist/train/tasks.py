@@ -46,6 +46,9 @@ class LMTask:
                                                   reduction="sum", ignore_index=IGNORE_INDEX)
         return total, (targets != IGNORE_INDEX).sum()
 
+    def set_position(self, step: int, micro: int) -> None:
+        """Which step and micro-batch the next `loss` belongs to (unused: no sampling)."""
+
     def samples_and_tokens(self) -> tuple[int, int]:
         """Per micro-batch of one DP replica."""
         b = self.cfg.data.micro_batch_size

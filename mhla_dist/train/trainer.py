@@ -74,7 +74,7 @@ class Trainer:
         m = cfg.model
         lm = isinstance(m, LMConfig)
         self.topo: Topology = build_topology(
-            cfg.parallel.tp, cfg.parallel.cp, num_heads=m.num_heads,
+            cfg.parallel.tp, cfg.parallel.cp, num_heads=m.num_heads,  # DiT: checked by config
             seq_len=(cfg.data.seq_len or m.max_seq_len) if lm else None,
             block_size=m.block_size if lm else None)
         deepspeed.init_distributed(dist_backend=self.topo.backend)
@@ -136,6 +136,7 @@ class Trainer:
         loss_sum = count_sum = 0.0
         skipped, grad_norm = False, None
         for micro in range(cfg.train.grad_accum):
+            self.task.set_position(self.step, micro)
             total, count = self.task.loss(self.engine, next(batches))
             local_bad = 0.0 if bool(torch.isfinite(total)) else 1.0
             bad = self._global([local_bad], None)[0].item() > 0

@@ -15,6 +15,22 @@ TINY_RUN = [
 ]
 
 
+TINY_DIT_RUN = [
+    "model.kind=dit", "model.in_channels=3", "model.frames=8", "model.height=16",
+    "model.width=16", "model.block_grid=[2,2,2]", "model.hidden_size=32", "model.depth=2",
+    "model.num_heads=2", "model.num_classes=4", "data.kind=video", "data.micro_batch_size=4",
+    "logging.interval=1", "logging.wandb.mode=disabled", "optim.lr=1e-3",
+    "schedule.kind=constant", "data.shuffle_buffer=8",
+]
+
+
+def clips(tmp: Path) -> list[str]:
+    from mhla_dist.data import write_synthetic_video
+
+    write_synthetic_video(tmp / "clips", num_clips=32, frames=8, size=16, clips_per_shard=8)
+    return [f"data.train={tmp / 'clips'}"]
+
+
 def corpus(tmp: Path) -> list[str]:
     from mhla_dist.data import build_default_corpus
 
@@ -22,12 +38,13 @@ def corpus(tmp: Path) -> list[str]:
     return [f"data.train={info.train}", f"data.eval={info.eval}"]
 
 
-def train_rank_fn(rank, world, overrides, patch=None):
-    """Train with `overrides`; returns the metrics rows (rank 0) and the parameters."""
+def train_rank_fn(rank, world, overrides, patch=None, base=None):
+    """Train with `overrides` over `base` (default the tiny LM); returns the metrics rows
+    (rank 0) and the parameters."""
     from mhla_dist.config import load_config
     from mhla_dist.train import Trainer
 
-    cfg = load_config(None, TINY_RUN + list(overrides))
+    cfg = load_config(None, (TINY_RUN if base is None else base) + list(overrides))
     trainer = Trainer(cfg)
     if patch is not None:
         patch(trainer)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.parallel.harness import run_ranks
-from tests.train.runs import corpus, losses, train_rank_fn
+from tests.train.runs import TINY_DIT_RUN, clips, corpus, losses, train_rank_fn
 
 
 def test_cp2_zero2_loss_falls_and_replicas_stay_identical(tmp_path):
@@ -25,6 +25,16 @@ def test_cp2_zero2_loss_falls_and_replicas_stay_identical(tmp_path):
         assert key in row, key
     saved = (tmp_path / "run" / "config.yaml").read_text()
     assert "cp: 2" in saved and "stage: 2" in saved
+
+
+def test_dit_cp2_zero2_loss_falls_and_replicas_stay_identical(tmp_path):
+    run = [f"run_dir={tmp_path / 'run'}", "parallel.cp=2", "zero.stage=2", "train.steps=25",
+           *clips(tmp_path)]
+    r0, r1 = run_ranks(train_rank_fn, 2, run, None, TINY_DIT_RUN)
+    curve = losses(r0)
+    assert sum(curve[-5:]) / 5 < 0.85 * sum(curve[:5]) / 5, curve
+    for name, p in r0["params"].items():
+        assert torch.equal(p, r1["params"][name]), f"CP replicas differ in {name}"
 
 
 def test_zero_stages_give_the_same_losses(tmp_path):

@@ -1,0 +1,98 @@
+"""Training the video DiT with rectified flow on clip shards.
+
+Noise, timesteps and label dropout come from a generator seeded by (seed, step, micro-batch,
+DP rank): the same on every TP and CP rank of a replica (they must see the same noisy
+clip), different across replicas and steps, and reproduced exactly after a resume.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mhla_dist.config import Config
+from mhla_dist.data import video_loader
+from mhla_dist.parallel import Topology
+
+
+class _EngineAsModel:
+    """What `rectified_flow_loss` needs: the engine's forward and the DiT's token slicing."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    def __call__(self, *args):
+        return self.engine(*args)
+
+    def local_tokens(self, clip: torch.Tensor) -> torch.Tensor:
+        return self.engine.module.local_tokens(clip)
+
+
+def to_model_layout(clip: torch.Tensor, shape: tuple[int, int, int, int]) -> torch.Tensor:
+    """`[B, C, F, H, W]` floats in [-1, 1] from stored clips (`[B, F, H, W, C]` frames or
+    `[B, C, F, H, W]` latents; uint8 pixels are rescaled)."""
+    x = clip.float() / 127.5 - 1 if clip.dtype == torch.uint8 else clip.float()
+    if tuple(x.shape[1:]) == shape:
+        return x
+    c, f, h, w = shape
+    if tuple(x.shape[1:]) == (f, h, w, c):
+        return x.permute(0, 4, 1, 2, 3).contiguous()
+    raise ValueError(f"clips of shape {tuple(clip.shape[1:])} do not fit the model's "
+                     f"[C, F, H, W] = {list(shape)} (nor [F, H, W, C])")
+
+
+class DiTTask:
+    def __init__(self, cfg: Config, topo: Topology) -> None:
+        self.cfg, self.topo = cfg, topo
+        m = cfg.model
+        self.shape = (m.in_channels, m.frames, m.height, m.width)
+        self.step, self.micro = 0, 0
+
+    def build_model(self) -> torch.nn.Module:
+        from mhla_dist.model.dit import DiT
+
+        return DiT(self.cfg.model, tp_group=self.topo.tp_group, cp_group=self.topo.cp_group)
+
+    def loader(self, split: str):
+        d, t = self.cfg.data, self.topo
+        urls = d.train if split == "train" else d.eval
+        if not urls:
+            return None
+        return video_loader(urls, batch_size=d.micro_batch_size,
+                            with_label=self.cfg.model.num_classes > 0, dp_rank=t.dp_rank,
+                            dp_size=t.dp, num_workers=d.workers, seed=d.seed,
+                            shuffle=split == "train", shuffle_buffer=d.shuffle_buffer)
+
+    def set_position(self, step: int, micro: int) -> None:
+        self.step, self.micro = step, micro
+
+    def loss(self, engine, batch: dict):
+        from mhla_dist.model.rectified_flow import (
+            drop_labels,
+            rectified_flow_loss,
+            sample_timesteps,
+        )
+
+        m, device = self.cfg.model, self.topo.device
+        x0 = to_model_layout(batch["clip"], self.shape).to(device)
+        seed = hash((self.cfg.train.seed, self.step, self.micro, self.topo.dp_rank)) % 2**62
+        g = torch.Generator().manual_seed(seed)
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        t = sample_timesteps(x0.shape[0], generator=g).to(device)
+        labels = batch.get("label")
+        if labels is not None and m.num_classes > 0:
+            labels = labels.to(device)
+            if engine.module.training:
+                labels = drop_labels(labels, m.class_dropout, m.null_class, g)
+        else:
+            labels = None
+        total, count = rectified_flow_loss(_EngineAsModel(engine), x0, noise, t, labels)
+        return total, torch.tensor(count)
+
+    def samples_and_tokens(self) -> tuple[int, int]:
+        b = self.cfg.data.micro_batch_size
+        return b, b * self.cfg.model.num_tokens
+
+    def flops_per_token(self) -> float:
+        from mhla_dist.model.dit_cost import dit_flops_per_sample
+
+        return dit_flops_per_sample(self.cfg.model) / self.cfg.model.num_tokens
