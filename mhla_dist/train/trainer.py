@@ -11,6 +11,7 @@ step uses the others); `train.max_nonfinite_steps` skips in a row stop the run.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import resource
@@ -201,6 +202,7 @@ class Trainer:
                         f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); stopping")
             else:
                 self.nonfinite_streak = 0
+            self.logger.progress(self.step, cfg.train.steps, out["loss"])
             if self.step % cfg.logging.interval == 0 or self.step == cfg.train.steps:
                 elapsed = time.perf_counter() - window_start
                 per_s = window_steps / max(elapsed, 1e-9)
@@ -220,4 +222,30 @@ class Trainer:
                 self.save()
         if not cfg.checkpoint.interval or self.step % cfg.checkpoint.interval:
             self.save()
+        self.save_consolidated(self.run_dir / "model.safetensors")
         self.logger.close()
+
+    def save_consolidated(self, path: Path) -> None:
+        """The full fp32 weights (ZeRO-3 partitions and TP shards gathered) as one
+        safetensors file, with the model config as JSON beside it; written by rank 0."""
+        import json
+
+        import deepspeed
+        from safetensors.torch import save_file
+
+        from mhla_dist.parallel.tp_state import full_state_dict
+
+        module = self.engine.module
+        params = list(module.parameters())
+        gathered = (deepspeed.zero.GatheredParameters(params) if self.cfg.zero.stage == 3
+                    else contextlib.nullcontext())
+        with gathered:
+            state = full_state_dict(module, self.topo.tp_group)
+        if self.topo.is_main:
+            state = {k: v.float().contiguous() for k, v in state.items()}
+            tmp = path.with_suffix(".tmp")
+            save_file(state, str(tmp), metadata={"format": "pt", "step": str(self.step)})
+            tmp.replace(path)
+            path.with_name("model_config.json").write_text(
+                json.dumps(asdict(self.cfg.model), indent=1))
+        dist.barrier()
