@@ -186,11 +186,13 @@ class Trainer:
         samples *= self.topo.dp * cfg.train.grad_accum
         tokens *= self.topo.dp * cfg.train.grad_accum
         flops = self.task.flops_per_token()
-        window_start, window_steps = time.perf_counter(), 0
+        window_start, window_steps, window_losses = time.perf_counter(), 0, []
         while self.step < cfg.train.steps:
             out = self.train_step(batches)
             self.step += 1
             window_steps += 1
+            if not out["skipped"]:
+                window_losses.append(out["loss"])
             if out["skipped"]:
                 self.skipped += 1
                 self.nonfinite_streak += 1
@@ -206,7 +208,9 @@ class Trainer:
             if self.step % cfg.logging.interval == 0 or self.step == cfg.train.steps:
                 elapsed = time.perf_counter() - window_start
                 per_s = window_steps / max(elapsed, 1e-9)
-                metrics = {"loss": out["loss"], "lr": out["lr"], "grad_norm": out["grad_norm"],
+                # The mean over the steps since the last row: one step's loss is noisy.
+                loss = sum(window_losses) / len(window_losses) if window_losses else out["loss"]
+                metrics = {"loss": loss, "lr": out["lr"], "grad_norm": out["grad_norm"],
                            "tokens_per_s": tokens * per_s, "samples_per_s": samples * per_s,
                            "skipped_steps": self.skipped,
                            "memory_gb": _peak_memory_bytes(self.topo.device) / 2**30}
@@ -217,7 +221,7 @@ class Trainer:
                         and self.step % cfg.train.eval_interval == 0):
                     metrics["eval_loss"] = self.evaluate()
                 self.logger.log(self.step, metrics)
-                window_start, window_steps = time.perf_counter(), 0
+                window_start, window_steps, window_losses = time.perf_counter(), 0, []
             if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
                 self.save()
         if not cfg.checkpoint.interval or self.step % cfg.checkpoint.interval:

@@ -1,0 +1,39 @@
+"""launch/torchrun.sh and launch/deepspeed.sh run the trainer on 2 CPU processes (CP = 2)
+and agree step for step; a bad config stops `python -m mhla_dist.train` with exit code 2."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.train.runs import TINY_RUN, corpus
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _launch(script, tmp_path, name, data):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHON"] = sys.executable
+    run_dir = tmp_path / name
+    cmd = ["bash", str(ROOT / "launch" / script), "--config", "configs/lm/tiny.yaml",
+           *TINY_RUN, *data, "parallel.cp=2", "train.steps=3", f"run_dir={run_dir}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(x)["loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_torchrun_and_deepspeed_launchers_agree(tmp_path):
+    data = corpus(tmp_path)
+    a = _launch("torchrun.sh", tmp_path, "torchrun", data)
+    b = _launch("deepspeed.sh", tmp_path, "deepspeed", data)
+    assert len(a) == 3 and a == b
+
+
+def test_bad_config_exits_with_a_clear_error():
+    proc = subprocess.run([sys.executable, "-m", "mhla_dist.train", "--config",
+                           "configs/lm/tiny.yaml", "parallel.cp=3"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "parallel.cp=3 does not divide the 8 blocks" in proc.stderr
