@@ -25,6 +25,26 @@ def test_cp2_zero2_loss_falls_and_replicas_stay_identical(tmp_path):
         assert key in row, key
     saved = (tmp_path / "run" / "config.yaml").read_text()
     assert "cp: 2" in saved and "stage: 2" in saved
+    from safetensors.torch import load_file
+
+    consolidated = load_file(str(tmp_path / "run" / "model.safetensors"))
+    assert consolidated.keys() == r0["params"].keys()
+    assert all(torch.equal(consolidated[n], p) for n, p in r0["params"].items())
+
+
+def test_gradient_accumulation_equals_a_larger_batch(tmp_path):
+    """2 micro-batches of 2 sequences accumulate to the step of one batch of 4 (the same
+    windows, equal token counts): the same losses and parameters up to fp32 rounding."""
+    data = corpus(tmp_path)
+    big = run_ranks(train_rank_fn, 1, [f"run_dir={tmp_path / 'big'}", "train.steps=3",
+                                       "data.micro_batch_size=4", *data])[0]
+    acc = run_ranks(train_rank_fn, 1, [f"run_dir={tmp_path / 'acc'}", "train.steps=3",
+                                       "data.micro_batch_size=2", "train.grad_accum=2",
+                                       *data])[0]
+    for a, b in zip(losses(acc), losses(big), strict=True):
+        assert abs(a - b) <= 1e-5 * b
+    for name, p in big["params"].items():
+        assert (acc["params"][name] - p).abs().max() <= 1e-5, name
 
 
 def test_dit_cp2_zero2_loss_falls_and_replicas_stay_identical(tmp_path):
