@@ -22,14 +22,13 @@ from torch.utils.checkpoint import checkpoint
 from mhla_dist.config.dit import DiTConfig
 from mhla_dist.parallel import gather_from_group
 from mhla_dist.parallel.softmax_attention import ParallelSoftmaxAttention
-from mhla_dist.parallel.tp_layers import ParallelMHLAttention
+from mhla_dist.parallel.tp_layers import ParallelGeluMLP, ParallelMHLAttention
 from mhla_kernels import block_grid_mixing
 
 from .dit_cost import dit_flops_per_sample, dit_num_parameters
 from .dit_layers import (
     CaptionEmbedder,
     LabelEmbedder,
-    ParallelGeluMLP,
     TimestepEmbedder,
     modulate,
     resolve_groups,

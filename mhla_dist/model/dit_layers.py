@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from mhla_dist.parallel.tp_layers import resolve_tp_group, tp_config
+from mhla_dist.parallel.tp_layers import resolve_tp_group
 
 from .patchify import token_positions
 
@@ -124,41 +124,6 @@ def resolve_groups(tp_group=None, cp_group=None):
         _require_megatron_groups()
     tp_group, tp = resolve_tp_group(tp_group)
     return (tp_group, tp, *resolve_cp_group(cp_group))
-
-
-def _linears(hidden: int, inner: int, config, bias: bool, tp_group, init_std: float):
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-
-    def init(std):
-        return lambda w: nn.init.normal_(w, std=std)
-
-    def column():
-        return ColumnParallelLinear(hidden, inner, config=config, init_method=init(init_std),
-                                    bias=bias, gather_output=False, tp_group=tp_group)
-
-    def row():
-        return RowParallelLinear(inner, hidden, config=config, init_method=init(inner**-0.5),
-                                 bias=bias, input_is_parallel=True, skip_bias_add=False,
-                                 tp_group=tp_group)
-
-    return column, row
-
-
-class ParallelGeluMLP(nn.Module):
-    """`fc2(gelu_tanh(fc1(x)))`, fc1 column-parallel, fc2 row-parallel over `tp_group`."""
-
-    def __init__(self, hidden_size: int, ffn_hidden_size: int, *, bias: bool = True,
-                 tp_group=None) -> None:
-        super().__init__()
-        tp_group, tp = resolve_tp_group(tp_group)
-        if ffn_hidden_size % tp:
-            raise ValueError(f"tp={tp} does not divide ffn_hidden_size={ffn_hidden_size}")
-        column, row = _linears(hidden_size, ffn_hidden_size, tp_config(tp), bias, tp_group,
-                               hidden_size**-0.5)
-        self.fc1, self.fc2 = column(), row()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)[0], approximate="tanh"))[0]
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -240,11 +240,11 @@ class ParallelMHLAttention(AttentionProjections):
         return self.finish(o[:, None].to(v.dtype), x)
 
 
-class ParallelSwiGLU(nn.Module):
-    """`down(silu(gate(x)) * up(x))` with gate/up column-parallel and down row-parallel."""
+class _ParallelMLP(nn.Module):
+    """Column-parallel input projections (`inputs` of them) and a row-parallel output."""
 
-    def __init__(self, hidden_size: int, ffn_hidden_size: int, *, bias: bool = False,
-                 tp_group=None) -> None:
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, inputs: tuple[str, ...],
+                 output: str, *, bias: bool, tp_group) -> None:
         super().__init__()
         from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
@@ -252,16 +252,37 @@ class ParallelSwiGLU(nn.Module):
         if ffn_hidden_size % tp:
             raise ValueError(f"tp={tp} does not divide ffn_hidden_size={ffn_hidden_size}")
         config = tp_config(tp)
-        col = dict(config=config, init_method=_init_normal(hidden_size**-0.5), bias=bias,
-                   gather_output=False, tp_group=tp_group)
-        self.gate_proj = ColumnParallelLinear(hidden_size, ffn_hidden_size, **col)
-        self.up_proj = ColumnParallelLinear(hidden_size, ffn_hidden_size, **col)
-        self.down_proj = RowParallelLinear(
-            ffn_hidden_size, hidden_size, config=config,
-            init_method=_init_normal(1 / math.sqrt(ffn_hidden_size)), bias=bias,
-            input_is_parallel=True, skip_bias_add=False, tp_group=tp_group,
-        )
+        for name in inputs:
+            setattr(self, name, ColumnParallelLinear(
+                hidden_size, ffn_hidden_size, config=config, bias=bias, gather_output=False,
+                init_method=_init_normal(hidden_size**-0.5), tp_group=tp_group))
+        setattr(self, output, RowParallelLinear(
+            ffn_hidden_size, hidden_size, config=config, bias=bias, input_is_parallel=True,
+            init_method=_init_normal(1 / math.sqrt(ffn_hidden_size)), skip_bias_add=False,
+            tp_group=tp_group))
+
+
+class ParallelSwiGLU(_ParallelMLP):
+    """`down(silu(gate(x)) * up(x))` with gate/up column-parallel and down row-parallel."""
+
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, *, bias: bool = False,
+                 tp_group=None) -> None:
+        super().__init__(hidden_size, ffn_hidden_size, ("gate_proj", "up_proj"), "down_proj",
+                         bias=bias, tp_group=tp_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.nn.functional.silu(self.gate_proj(x)[0]) * self.up_proj(x)[0]
         return self.down_proj(h)[0]
+
+
+class ParallelGeluMLP(_ParallelMLP):
+    """`fc2(gelu_tanh(fc1(x)))`, fc1 column-parallel, fc2 row-parallel (the DiT's MLP)."""
+
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, *, bias: bool = True,
+                 tp_group=None) -> None:
+        super().__init__(hidden_size, ffn_hidden_size, ("fc1",), "fc2", bias=bias,
+                         tp_group=tp_group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.nn.functional.gelu(self.fc1(x)[0], approximate="tanh")
+        return self.fc2(h)[0]
