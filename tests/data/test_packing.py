@@ -69,14 +69,37 @@ def test_byte_tokenizer_round_trip():
     assert isinstance(tok, ByteTokenizer)
 
 
-def test_tokenizer_json_without_the_package_says_so(tmp_path):
+def write_word_tokenizer(path):
+    """A small word-level tokenizer.json built here (no hub): [UNK], </s> and some words."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["[UNK]", "</s>", "the", "for", "statement", "loops", "over", "items", "."]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(path))
+
+
+def test_tokenizer_json_round_trip_and_eos(tmp_path):
     path = tmp_path / "tokenizer.json"
-    path.write_text("{}")
-    try:
-        import tokenizers  # noqa: F401
-    except ImportError:
-        with pytest.raises(ImportError, match="needs the `tokenizers` package"):
-            load_tokenizer(str(path))
+    write_word_tokenizer(path)
+    tok = load_tokenizer(str(path))
+    assert (tok.vocab_size, tok.eos_id) == (9, 1)
+    ids = tok.encode("the for statement loops over items")
+    assert ids.tolist() == [2, 3, 4, 5, 6, 7] and ids.dtype.name == "uint16"
+    assert tok.decode(ids) == "the for statement loops over items"
+    assert tok.encode("unknown words").tolist() == [0, 0]
+
+
+def test_tokenizer_json_errors(tmp_path, monkeypatch):
+    path = tmp_path / "tokenizer.json"
+    write_word_tokenizer(path)
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "tokenizers" else real(name, *a))
+    with pytest.raises(ImportError, match="needs the `tokenizers` package"):
+        load_tokenizer(str(path))
     with pytest.raises(FileNotFoundError, match="neither 'byte'"):
         load_tokenizer(str(tmp_path / "nope.json"))
 

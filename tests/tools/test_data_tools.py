@@ -31,6 +31,20 @@ def test_prepare_text_from_files_and_folders(tmp_path, capsys):
     assert sum(int((b["doc_ids"] >= 0).sum()) for b in batches) >= 40
 
 
+def test_prepare_text_with_a_tokenizer_json(tmp_path, capsys):
+    from tests.data.test_packing import write_word_tokenizer
+
+    write_word_tokenizer(tmp_path / "tokenizer.json")
+    (tmp_path / "in.txt").write_text("the for statement loops over items .")
+    out = tmp_path / "out"
+    assert prepare_text.main(["--input", str(tmp_path / "in.txt"), "--output", str(out),
+                              "--tokenizer", str(tmp_path / "tokenizer.json"), "--quiet"]) == 0
+    assert json.loads((out / "shard.json").read_text())["vocab_size"] == 9
+    batch = next(iter(lm_loader(str(out), seq_len=7, batch_size=1, shuffle=False,
+                                eos_id=1, num_epochs=1)))
+    assert batch["tokens"][0].tolist() == [2, 3, 4, 5, 6, 7, 8, 1]
+
+
 def test_prepare_text_help_and_missing_input(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         prepare_text.main(["--help"])
