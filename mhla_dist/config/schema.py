@@ -3,7 +3,8 @@
 The `model` section is one of several model configs, chosen by its `kind` key
 (`lm` -> `LMConfig`, `dit` -> the DiT's config); the rest is fixed. Keys users and
 scripts rely on: `run_dir`, `resume`, `train.steps`, `train.seed`, `checkpoint.interval`,
-`checkpoint.keep_last`, `logging.wandb.mode`, `parallel.tp`, `parallel.cp`, `zero.stage`.
+`checkpoint.keep_last`, `logging.wandb.mode`, `parallel.tp`, `parallel.cp`, `zero.stage`,
+`init.weights`.
 """
 
 from __future__ import annotations
@@ -114,6 +115,15 @@ class TrainConfig:
 
 
 @dataclass
+class InitConfig:
+    """Start from consolidated weights (a safetensors file, e.g. from
+    `tools/convert_checkpoint.py`) at any layout; a checkpoint found by `resume` wins."""
+
+    weights: str = ""  # a .safetensors path; "" builds the model from its random init
+    optimizer: str = "reset"  # reset (the only choice: the file holds no optimizer state)
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/default"
     resume: str = "auto"  # auto | none | a checkpoint path
@@ -126,6 +136,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    init: InitConfig = field(default_factory=InitConfig)
 
 
 # `model.kind` -> its config class.

@@ -88,6 +88,8 @@ class Trainer:
         _seed_everything(cfg.train.seed)  # the same initial weights on every rank
         self.task = make_task(cfg, self.topo)
         model = self.task.build_model()
+        resume = find_resume(self.ckpt_dir, cfg.resume)
+        self._init_weights(model, resume)
         self.engine, *_ = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
             config=deepspeed_config(cfg), mpu=DeepSpeedMPU(self.topo))
@@ -97,7 +99,6 @@ class Trainer:
             raise ValueError("data.train is empty: give the training shards (a path, a brace "
                              "pattern like shard-{000000..000009}.tar, or pipe:...)")
         self.eval_loader = self.task.loader("eval")
-        resume = find_resume(self.ckpt_dir, cfg.resume)
         if resume is not None:
             self._restore(resume)
         self.logger = (MetricsLogger(self.run_dir, cfg.logging.wandb.mode,
@@ -110,6 +111,24 @@ class Trainer:
         return {"step": self.step, "skipped": self.skipped,
                 "nonfinite_streak": self.nonfinite_streak,
                 "train_loader": self.train_loader.state_dict(), "rng": rng_state()}
+
+    def _init_weights(self, model: torch.nn.Module, resume: Path | None) -> None:
+        """`init.weights`: consolidated weights, resharded to this layout, before DeepSpeed
+        wraps the model; a checkpoint to resume from wins (a restarted run continues)."""
+        from mhla_dist.convert.reshard import check_resume_layout, load_consolidated_weights
+
+        if resume is not None:
+            check_resume_layout(resume, self.topo.tp, self.topo.dp_cp_size)
+            if self.cfg.init.weights:
+                log.info("init.weights=%s ignored: resuming from %s (optimizer carried over)",
+                         self.cfg.init.weights, resume)
+            return
+        if self.cfg.init.weights:
+            load_consolidated_weights(model, self.cfg.init.weights, self.topo.tp_group,
+                                      self.cfg.model)
+            log.info("initialised the weights from %s at tp=%d cp=%d dp=%d; optimizer state "
+                     "reset (init.optimizer=%s)", self.cfg.init.weights, self.topo.tp,
+                     self.topo.cp, self.topo.dp, self.cfg.init.optimizer)
 
     def _restore(self, path: Path) -> None:
         state = load_checkpoint(self.engine, path)

@@ -1,0 +1,85 @@
+"""Consolidated weights -> a model at any DP x CP x TP layout, and the layout check for
+resuming a DeepSpeed checkpoint.
+
+Consolidated weights are full tensors, so resharding is each TP rank taking its slice of
+every split parameter (`tp_state.load_full_state_dict`); DP and CP ranks hold replicas.
+The optimizer starts fresh (the file holds no optimizer state). Carrying the optimizer
+over goes through DeepSpeed's own `load_checkpoint`, which needs the same TP degree and,
+with ZeRO >= 1, the same data-parallel (DP x CP) size: `check_resume_layout` says so
+before DeepSpeed fails less clearly.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mhla_dist.parallel.tp_state import load_full_state_dict
+
+from .files import read_consolidated
+from .model_spec import ConversionError, ModelConfig, ParamInfo, check_state
+
+log = logging.getLogger("mhla_dist.convert")
+# Keys that do not change the weights' meaning: a config may differ in them.
+_FREE_KEYS = {"activation_checkpointing"}
+
+
+def full_layout(module: nn.Module, tp: int) -> dict[str, ParamInfo]:
+    """Full shapes of a TP-sharded module's parameters (split dims times `tp`)."""
+    layout = {}
+    for name, p in module.named_parameters():
+        dim = p.partition_dim if getattr(p, "tensor_model_parallel", False) else None
+        shape = list(p.shape)
+        if dim is not None:
+            shape[dim] *= tp
+        layout[name] = ParamInfo(tuple(shape), dim)
+    return layout
+
+
+def config_differences(a: ModelConfig, b: ModelConfig) -> list[str]:
+    da, db = asdict(a), asdict(b)
+    return [f"{k}: file {db.get(k)!r} vs run {da.get(k)!r}"
+            for k in sorted(set(da) | set(db)) if k not in _FREE_KEYS and da.get(k) != db.get(k)]
+
+
+def load_consolidated_weights(module: nn.Module, path: str | Path, tp_group,
+                              model_cfg: ModelConfig | None = None) -> dict[str, torch.Tensor]:
+    """Load the consolidated file `path` into this rank's `module` (its TP slice of every
+    tensor). Every tensor's name and full shape are checked first, and the file's model
+    config (when it has one) against `model_cfg`; returns the full state."""
+    state, file_cfg = read_consolidated(path)
+    if model_cfg is not None and file_cfg is not None:
+        diff = config_differences(model_cfg, file_cfg)
+        if diff:
+            raise ConversionError(f"{path} was saved for another model config: "
+                                  + "; ".join(diff))
+    tp = dist.get_world_size(tp_group) if tp_group is not None else 1
+    check_state(state, full_layout(module, tp), f"the weights in {path}")
+    load_full_state_dict(module, state, tp_group)
+    return state
+
+
+_OPTIM = re.compile(r"mp_rank_(\d+)_optim_states\.pt$")
+
+
+def check_resume_layout(folder: Path, tp: int, dp_cp: int) -> None:
+    """Raise a clear error when a checkpoint was saved at another TP degree or (ZeRO >= 1)
+    another data-parallel size: DeepSpeed cannot carry its optimizer state across."""
+    models = [p for p in folder.glob("*mp_rank_*_model_states.pt")]
+    saved_tp = len({re.search(r"mp_rank_(\d+)_", p.name).group(1) for p in models})
+    optim = [p for p in folder.iterdir() if _OPTIM.search(p.name)]
+    saved_dp = len(optim) // max(saved_tp, 1)
+    if models and saved_tp != tp or optim and saved_dp != dp_cp:
+        raise ConversionError(
+            f"{folder} was saved at tp={saved_tp}" + (f", dp x cp={saved_dp}" if optim else "")
+            + f"; this run has tp={tp}, dp x cp={dp_cp}. Carrying the optimizer state to "
+            "another layout is not supported yet: consolidate the weights "
+            "(tools/convert_checkpoint.py zero-to-safetensors) and start with "
+            "init.weights=FILE.safetensors (the optimizer is reset), or resume at the saved "
+            "layout")

@@ -1,0 +1,109 @@
+"""Convert checkpoints in and out of mhla-dist.
+
+    # a DeepSpeed checkpoint (any ZeRO stage, any TP/CP layout) -> one file (+ model_config.json)
+    # (out.st: any OUTPUT.safetensors path)
+    python tools/convert_checkpoint.py zero-to-safetensors runs/x/checkpoints/step00001000 out.st
+    python tools/convert_checkpoint.py zero-to-safetensors runs/x out.st --tag step00000500 \
+        --dtype bf16
+    # a Hugging Face Llama (safetensors + config.json) -> the MHLA LM
+    python tools/convert_checkpoint.py import-llama hf/llama/ out/mhla.safetensors --block-size 256
+    # resize the learned Mc for a new max_seq_len / block size
+    python tools/convert_checkpoint.py resize-mixing in.safetensors out.safetensors max_seq_len=8192
+
+Train from consolidated weights at any layout with `init.weights=FILE.safetensors` (the
+optimizer state is reset; `resume=PATH` carries it over at the saved layout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+
+import yaml
+
+from mhla_dist.convert.files import DTYPES
+from mhla_dist.convert.model_spec import ConversionError
+
+
+def _zero(args) -> str:
+    from mhla_dist.convert.zero import zero_to_safetensors
+
+    out = zero_to_safetensors(args.checkpoint, args.output, tag=args.tag, dtype=args.dtype)
+    return f"wrote {out} and {out.with_name('model_config.json')}"
+
+
+def _llama(args) -> str:
+    from mhla_dist.convert.import_llama import import_llama
+
+    rep = import_llama(args.source, args.output, hf_config=args.config, dtype=args.dtype,
+                       block_size=args.block_size, max_seq_len=args.max_seq_len,
+                       output_gate=args.output_gate, feature_map=args.feature_map,
+                       per_head_mixing=args.per_head_mixing)
+    return rep.to_text() + f"\nwrote {args.output}"
+
+
+def _resize(args) -> str:
+    from mhla_dist.convert.mixing_resize import resize_checkpoint_mixing
+
+    overrides = {}
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConversionError(f"{item!r} is not key=value (e.g. max_seq_len=8192)")
+        overrides[key] = yaml.safe_load(value)
+    if not overrides:
+        raise ConversionError("give what changes, e.g. max_seq_len=8192 or block_grid=[2,4,4]")
+    rep = resize_checkpoint_mixing(args.source, args.output, overrides, dtype=args.dtype)
+    return rep.to_text() + f"\nwrote {args.output}"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    z = sub.add_parser("zero-to-safetensors", help="DeepSpeed ZeRO/TP checkpoint -> one file")
+    z.add_argument("checkpoint", help="a checkpoint tag folder, its checkpoints/ parent or "
+                   "the run directory")
+    z.add_argument("output", help="the .safetensors file to write")
+    z.add_argument("--tag", default=None, help="checkpoint tag (default: the 'latest' file)")
+    z.set_defaults(run=_zero)
+    ll = sub.add_parser("import-llama", help="HF Llama safetensors -> MHLA LM weights")
+    ll.add_argument("source", help="a .safetensors file or a folder of them (with config.json)")
+    ll.add_argument("output")
+    ll.add_argument("--config", default=None, help="the HF config.json (default: beside source)")
+    ll.add_argument("--block-size", type=int, default=64)
+    ll.add_argument("--max-seq-len", type=int, default=None,
+                    help="default: max_position_embeddings")
+    ll.add_argument("--feature-map", default="relu")
+    ll.add_argument("--output-gate", action="store_true",
+                    help="add the SiLU output gate (random init; off keeps the source's output)")
+    ll.add_argument("--per-head-mixing", action="store_true")
+    ll.set_defaults(run=_llama)
+    r = sub.add_parser("resize-mixing", help="resize every Mc for a new block layout")
+    r.add_argument("source", help="consolidated .safetensors (with its model config)")
+    r.add_argument("output")
+    r.add_argument("overrides", nargs="*", help="model keys: max_seq_len=, block_size=, "
+                   "num_blocks= (LM) or block_grid=[fb,hb,wb] (DiT)")
+    r.set_defaults(run=_resize)
+    for s in (z, ll, r):
+        s.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    try:
+        print(args.run(args))
+    except ConversionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
