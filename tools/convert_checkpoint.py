@@ -7,6 +7,12 @@
         --dtype bf16
     # a Hugging Face Llama (safetensors + config.json) -> the MHLA LM
     python tools/convert_checkpoint.py import-llama hf/llama/ out/mhla.safetensors --block-size 256
+    # a facebookresearch DiT (.pt/.pth, or safetensors) -> the MHLA DiT (a preset, or sizes
+    # read from the shapes plus num_heads=)
+    python tools/convert_checkpoint.py import-dit DiT-XL-2-256x256.pt out/dit.safetensors \
+        --preset xl2
+    python tools/convert_checkpoint.py import-dit ckpt.pt out/dit.safetensors num_heads=16 \
+        block_grid=[1,4,4] pos_embed=learned
     # resize the learned Mc for a new max_seq_len / block size
     python tools/convert_checkpoint.py resize-mixing in.safetensors out.safetensors max_seq_len=8192
 
@@ -44,15 +50,28 @@ def _llama(args) -> str:
     return rep.to_text() + f"\nwrote {args.output}"
 
 
-def _resize(args) -> str:
-    from mhla_dist.convert.mixing_resize import resize_checkpoint_mixing
-
+def _key_values(items: list[str]) -> dict:
     overrides = {}
-    for item in args.overrides:
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConversionError(f"{item!r} is not key=value (e.g. max_seq_len=8192)")
         overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+def _dit(args) -> str:
+    from mhla_dist.convert.import_dit import import_dit
+
+    rep = import_dit(args.source, args.output, preset=args.preset, dtype=args.dtype,
+                     checkpoint_key=args.checkpoint_key, **_key_values(args.overrides))
+    return rep.to_text() + f"\nwrote {args.output}"
+
+
+def _resize(args) -> str:
+    from mhla_dist.convert.mixing_resize import resize_checkpoint_mixing
+
+    overrides = _key_values(args.overrides)
     if not overrides:
         raise ConversionError("give what changes, e.g. max_seq_len=8192 or block_grid=[2,4,4]")
     rep = resize_checkpoint_mixing(args.source, args.output, overrides, dtype=args.dtype)
@@ -82,13 +101,24 @@ def _parser() -> argparse.ArgumentParser:
                     help="add the SiLU output gate (random init; off keeps the source's output)")
     ll.add_argument("--per-head-mixing", action="store_true")
     ll.set_defaults(run=_llama)
+    d = sub.add_parser("import-dit", help="facebookresearch DiT checkpoint -> MHLA DiT weights")
+    d.add_argument("source", help="a .pt/.pth state dict (bare or under 'ema'/'model') or "
+                   "a .safetensors file")
+    d.add_argument("output")
+    d.add_argument("--preset", default=None, help="s2, b2, xl2, ... (default: sizes from the "
+                   "shapes; then give num_heads=)")
+    d.add_argument("--checkpoint-key", default=None,
+                   help="entry of a training checkpoint (default: 'ema', else 'model')")
+    d.add_argument("overrides", nargs="*", help="DiTConfig keys, e.g. num_heads=16 "
+                   "block_grid=[1,4,4] pos_embed=learned softmax_layers=[0]")
+    d.set_defaults(run=_dit)
     r = sub.add_parser("resize-mixing", help="resize every Mc for a new block layout")
     r.add_argument("source", help="consolidated .safetensors (with its model config)")
     r.add_argument("output")
     r.add_argument("overrides", nargs="*", help="model keys: max_seq_len=, block_size=, "
                    "num_blocks= (LM) or block_grid=[fb,hb,wb] (DiT)")
     r.set_defaults(run=_resize)
-    for s in (z, ll, r):
+    for s in (z, ll, d, r):
         s.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     return p
 

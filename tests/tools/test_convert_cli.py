@@ -45,3 +45,23 @@ def test_llama_import_then_inspect(tmp_path, capsys):
     capsys.readouterr()
     assert inspect_checkpoint.main([str(tmp_path / "r.safetensors")]) == 0
     assert "layers.1.attn.mixing 8x8" in capsys.readouterr().out
+
+
+def test_dit_import(tmp_path, capsys):
+    import torch
+
+    from tests.convert.test_import_dit import fake_dit
+
+    torch.save({"model": fake_dit()}, tmp_path / "dit.pt")
+    out = tmp_path / "m.safetensors"
+    assert convert_checkpoint.main(["import-dit", str(tmp_path / "dit.pt"), str(out),
+                                    "num_heads=4", "block_grid=[1,2,2]"]) == 0
+    text = capsys.readouterr().out
+    assert "created  blocks.1.attn.mixing" in text and "dropped  pos_embed" in text
+    assert convert_checkpoint.main(["import-dit", str(tmp_path / "dit.pt"),
+                                    str(tmp_path / "x.safetensors"), "block_grid=[1,2,2]"]) == 2
+    assert "give num_heads" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists()
+    with pytest.raises(SystemExit) as exc:
+        convert_checkpoint.main(["import-dit", "--help"])
+    assert exc.value.code == 0
