@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from mhla_dist.parallel import cp_attention
 from mhla_dist.parallel.tp_layers import resolve_tp_group
 
 from .patchify import token_positions
@@ -110,11 +111,7 @@ def _require_megatron_groups() -> None:
 
 def resolve_cp_group(cp_group=None):
     """`(group, size, rank)`: the given group, or megatron-core's context-parallel group."""
-    if cp_group is None:
-        from megatron.core import parallel_state as ps
-
-        _require_megatron_groups()
-        cp_group = ps.get_context_parallel_group()
+    cp_group = cp_attention.resolve_cp_group(cp_group)
     return cp_group, dist.get_world_size(cp_group), dist.get_rank(cp_group)
 
 

@@ -25,6 +25,14 @@ from mhla_kernels import causal_mixing
 from .layers import RMSNorm
 
 
+def token_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100):
+    """`(sum of token cross-entropies, number of target tokens)`, in float32 at least."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    total = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum",
+                            ignore_index=ignore_index)
+    return total, (targets != ignore_index).sum()
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: LMConfig, index: int, *, tp_group=None, cp_group=None) -> None:
         super().__init__()
@@ -94,11 +102,7 @@ class MHLALanguageModel(nn.Module):
     def loss(self, tokens: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100):
         """`(sum of token cross-entropies, number of target tokens)` on this rank: the
         trainer divides by the global count (DESIGN §2)."""
-        logits = self(tokens)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        total = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum",
-                                ignore_index=ignore_index)
-        return total, (targets != ignore_index).sum()
+        return token_loss(self(tokens), targets, ignore_index)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

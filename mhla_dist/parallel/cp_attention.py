@@ -29,13 +29,16 @@ from mhla_kernels import (
 from .collectives import start_gather
 
 
-def _default_cp_group():
+def resolve_cp_group(group=None):
+    """`group`, or megatron-core's context-parallel group when it is None."""
+    if group is not None:
+        return group
     from megatron.core import parallel_state as ps
 
     if not ps.model_parallel_is_initialized():
         raise RuntimeError(
-            "cp_mhla needs a context-parallel group: pass group=... or build the topology "
-            "first (mhla_dist.parallel.build_topology)"
+            "context parallelism needs a process group: pass it (group= / cp_group=) or build "
+            "the topology first (mhla_dist.parallel.build_topology)"
         )
     return ps.get_context_parallel_group()
 
@@ -77,7 +80,7 @@ def cp_mhla(
     matching shard of the single-device `mhla` output; gradients match too (`mixing`'s
     summed over the group). `group` defaults to megatron-core's context-parallel group.
     """
-    group = _default_cp_group() if group is None else group
+    group = resolve_cp_group(group)
     cp, rank = dist.get_world_size(group), dist.get_rank(group)
     if cp == 1:
         return mhla(q, k, v, mixing, block_size, causal=causal, normalize=normalize, eps=eps,

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .collectives import gather_from_group
+from .cp_attention import resolve_cp_group
 from .tp_layers import AttentionProjections
 
 
@@ -47,13 +48,8 @@ class ParallelSoftmaxAttention(AttentionProjections):
         positions = self.positions(n, device=x.device)
         q, k, v = self.project(x)
         q, k = self.maybe_rotate(q, positions), self.maybe_rotate(k, positions)
-        rank, cp = self.cp_rank_size()
-        if cp > 1:
-            group = self.cp_group
-            if group is None:
-                from megatron.core import parallel_state as ps
-
-                group = ps.get_context_parallel_group()
+        if self.cp_rank_size()[1] > 1:
+            group = resolve_cp_group(self.cp_group)
             k, v = gather_from_group(k, 1, group), gather_from_group(v, 1, group)
         mask = None
         if self.causal:

@@ -25,7 +25,8 @@ class LayoutError(ValueError):
     """A parallel layout that does not fit the world, the heads, the tokens or the blocks."""
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -43,7 +44,7 @@ def init_distributed(backend: str | None = None, timeout_minutes: float = 30) ->
     if "WORLD_SIZE" not in os.environ:
         # A single process: a world of one, so the rest of the stack needs no special case.
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))

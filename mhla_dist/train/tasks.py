@@ -40,11 +40,9 @@ class LMTask:
         local = cp_slice(batch, self.topo.cp_rank, self.topo.cp)
         tokens = local["input_ids"].to(self.topo.device)
         targets = local["labels"].to(self.topo.device)
-        logits = engine(tokens)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        total = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(),
-                                                  reduction="sum", ignore_index=IGNORE_INDEX)
-        return total, (targets != IGNORE_INDEX).sum()
+        from mhla_dist.model.lm import token_loss
+
+        return token_loss(engine(tokens), targets, IGNORE_INDEX)
 
     def set_position(self, step: int, micro: int) -> None:
         """Which step and micro-batch the next `loss` belongs to (unused: no sampling)."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import traceback
 from pathlib import Path
@@ -11,11 +10,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from mhla_dist.parallel.topology import free_port
 
 
 def _entry(rank, world_size, port, out_dir, fn, args):
@@ -39,7 +34,7 @@ def run_ranks(fn, world_size: int, *args) -> list:
     list of their results (torch.save-able). `fn` must be importable (module level)."""
     with tempfile.TemporaryDirectory() as out_dir:
         try:
-            mp.spawn(_entry, args=(world_size, _free_port(), out_dir, fn, args),
+            mp.spawn(_entry, args=(world_size, free_port(), out_dir, fn, args),
                      nprocs=world_size, join=True)
         except Exception as exc:
             errors = sorted(Path(out_dir).glob("rank*.err"))
