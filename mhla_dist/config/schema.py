@@ -116,11 +116,17 @@ class TrainConfig:
 
 @dataclass
 class InitConfig:
-    """Start from consolidated weights (a safetensors file, e.g. from
-    `tools/convert_checkpoint.py`) at any layout; a checkpoint found by `resume` wins."""
+    """Start a run from saved weights at any DP x CP x TP layout; a checkpoint found by
+    `resume` wins over `init.weights` (a restarted run continues)."""
 
-    weights: str = ""  # a .safetensors path; "" builds the model from its random init
-    optimizer: str = "reset"  # reset (the only choice: the file holds no optimizer state)
+    # "" builds the model from its random init; else a consolidated .safetensors file, a
+    # trainer checkpoint folder, or a universal checkpoint folder (convert_checkpoint.py
+    # to-universal)
+    weights: str = ""
+    # What happens to the optimizer state of `init.weights` or `resume`: carry | reset |
+    # auto (carry when the source holds optimizer state, i.e. is a checkpoint folder;
+    # reset for a .safetensors file)
+    optimizer: str = "auto"
 
 
 @dataclass

@@ -11,6 +11,7 @@ PRECISIONS = ("fp32", "bf16")
 SCHEDULES = ("cosine", "wsd", "constant")
 WANDB_MODES = ("offline", "online", "disabled")
 DATA_KINDS = ("text", "video")
+INIT_OPTIMIZER = ("auto", "carry", "reset")
 
 
 class ConfigError(ValueError):
@@ -125,13 +126,14 @@ def validate(cfg: Config) -> None:
         out.append(f"optim.lr={cfg.optim.lr} must be > 0")
     if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
         out.append(f"optim.betas={list(cfg.optim.betas)} must be two numbers in [0, 1)")
-    if cfg.init.optimizer != "reset":
-        out.append(f"init.optimizer={cfg.init.optimizer!r}: only 'reset' is supported (a "
-                   "consolidated file holds no optimizer state); to carry the optimizer over, "
-                   "resume=PATH from a checkpoint saved at the same layout (tp, cp, dp)")
-    if cfg.init.weights and not cfg.init.weights.endswith(".safetensors"):
-        out.append(f"init.weights={cfg.init.weights!r} must be a .safetensors file (convert a "
-                   "DeepSpeed checkpoint with tools/convert_checkpoint.py zero-to-safetensors)")
+    if cfg.init.optimizer not in INIT_OPTIMIZER:
+        out.append(f"init.optimizer={cfg.init.optimizer!r} must be one of "
+                   f"{', '.join(INIT_OPTIMIZER)}")
+    elif cfg.init.optimizer == "carry" and cfg.init.weights.endswith(".safetensors"):
+        out.append(f"init.optimizer='carry' with init.weights={cfg.init.weights!r}: a "
+                   ".safetensors file holds no optimizer state; give a checkpoint folder (a "
+                   "universal one for another layout: tools/convert_checkpoint.py "
+                   "to-universal) as init.weights or resume=PATH, or init.optimizer=reset")
     if not cfg.resume:
         out.append("resume='' must be 'auto', 'none' or a checkpoint path")
     if isinstance(cfg.model, LMConfig):

@@ -3,10 +3,10 @@ resuming a DeepSpeed checkpoint.
 
 Consolidated weights are full tensors, so resharding is each TP rank taking its slice of
 every split parameter (`tp_state.load_full_state_dict`); DP and CP ranks hold replicas.
-The optimizer starts fresh (the file holds no optimizer state). Carrying the optimizer
-over goes through DeepSpeed's own `load_checkpoint`, which needs the same TP degree and,
-with ZeRO >= 1, the same data-parallel (DP x CP) size: `check_resume_layout` says so
-before DeepSpeed fails less clearly.
+A consolidated file holds no optimizer state. Carrying the optimizer over goes through
+DeepSpeed's own `load_checkpoint`, which needs the same TP degree and, with ZeRO >= 1, the
+same data-parallel (DP x CP) size (`check_resume_layout` says so before DeepSpeed fails
+less clearly), or through a universal checkpoint (`universal.py`) at any layout.
 """
 
 from __future__ import annotations
@@ -48,38 +48,54 @@ def config_differences(a: ModelConfig, b: ModelConfig) -> list[str]:
             for k in sorted(set(da) | set(db)) if k not in _FREE_KEYS and da.get(k) != db.get(k)]
 
 
-def load_consolidated_weights(module: nn.Module, path: str | Path, tp_group,
-                              model_cfg: ModelConfig | None = None) -> dict[str, torch.Tensor]:
-    """Load the consolidated file `path` into this rank's `module` (its TP slice of every
-    tensor). Every tensor's name and full shape are checked first, and the file's model
-    config (when it has one) against `model_cfg`; returns the full state."""
-    state, file_cfg = read_consolidated(path)
+def load_full_weights(module: nn.Module, state: dict[str, torch.Tensor], tp_group, *,
+                      what: str, file_cfg: ModelConfig | None = None,
+                      model_cfg: ModelConfig | None = None) -> None:
+    """Load full (TP-merged) weights into this rank's `module` (its TP slice of every
+    tensor), after checking the source's model config against `model_cfg` and every
+    tensor's name and full shape."""
     if model_cfg is not None and file_cfg is not None:
         diff = config_differences(model_cfg, file_cfg)
         if diff:
-            raise ConversionError(f"{path} was saved for another model config: "
+            raise ConversionError(f"{what} was saved for another model config: "
                                   + "; ".join(diff))
     tp = dist.get_world_size(tp_group) if tp_group is not None else 1
-    check_state(state, full_layout(module, tp), f"the weights in {path}")
+    check_state(state, full_layout(module, tp), f"the weights in {what}")
     load_full_state_dict(module, state, tp_group)
+
+
+def load_consolidated_weights(module: nn.Module, path: str | Path, tp_group,
+                              model_cfg: ModelConfig | None = None) -> dict[str, torch.Tensor]:
+    """Load the consolidated file `path` into this rank's `module`; returns the full
+    state."""
+    state, file_cfg = read_consolidated(path)
+    load_full_weights(module, state, tp_group, what=str(path), file_cfg=file_cfg,
+                      model_cfg=model_cfg)
     return state
 
 
 _OPTIM = re.compile(r"mp_rank_(\d+)_optim_states\.pt$")
 
 
-def check_resume_layout(folder: Path, tp: int, dp_cp: int) -> None:
-    """Raise a clear error when a checkpoint was saved at another TP degree or (ZeRO >= 1)
-    another data-parallel size: DeepSpeed cannot carry its optimizer state across."""
+def saved_layout(folder: Path) -> tuple[int, int | None]:
+    """(TP degree, DP x CP size) a trainer checkpoint was saved at; the second is None for
+    ZeRO stage 0 (no optimizer partitions: any DP x CP size can load it)."""
     models = [p for p in folder.glob("*mp_rank_*_model_states.pt")]
     saved_tp = len({re.search(r"mp_rank_(\d+)_", p.name).group(1) for p in models})
     optim = [p for p in folder.iterdir() if _OPTIM.search(p.name)]
-    saved_dp = len(optim) // max(saved_tp, 1)
-    if models and saved_tp != tp or optim and saved_dp != dp_cp:
+    return saved_tp, (len(optim) // max(saved_tp, 1) if optim else None)
+
+
+def check_resume_layout(folder: Path, tp: int, dp_cp: int) -> None:
+    """Raise a clear error when a checkpoint was saved at another TP degree or (ZeRO >= 1)
+    another data-parallel size: its optimizer partitions only fit the layout that wrote
+    them."""
+    saved_tp, saved_dp = saved_layout(folder)
+    if saved_tp != tp or saved_dp is not None and saved_dp != dp_cp:
         raise ConversionError(
-            f"{folder} was saved at tp={saved_tp}" + (f", dp x cp={saved_dp}" if optim else "")
-            + f"; this run has tp={tp}, dp x cp={dp_cp}. Carrying the optimizer state to "
-            "another layout is not supported yet: consolidate the weights "
-            "(tools/convert_checkpoint.py zero-to-safetensors) and start with "
-            "init.weights=FILE.safetensors (the optimizer is reset), or resume at the saved "
-            "layout")
+            f"{folder} was saved at tp={saved_tp}"
+            + (f", dp x cp={saved_dp}" if saved_dp is not None else "")
+            + f"; this run has tp={tp}, dp x cp={dp_cp}. To carry the optimizer state over, "
+            f"convert it (tools/convert_checkpoint.py to-universal {folder} NEW_FOLDER) and "
+            "resume=NEW_FOLDER; or keep the weights only with init.weights=PATH "
+            "init.optimizer=reset; or run at the saved layout")

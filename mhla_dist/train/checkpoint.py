@@ -87,7 +87,7 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, trainer_state: dict, keep
                     config_yaml: str) -> Path:
     """Save on every rank; returns the checkpoint folder."""
     tag = tag_for(step)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step},
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, "iteration": step},
                            save_latest=False)
     path = ckpt_dir / tag
     (path / "trainer_state").mkdir(parents=True, exist_ok=True)
@@ -104,11 +104,8 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, trainer_state: dict, keep
     return path
 
 
-def load_checkpoint(engine, path: Path) -> dict:
-    """Restore the engine from `path` and return this rank's trainer state."""
-    loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
-    if loaded is None:
-        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
+def load_trainer_state(path: Path) -> dict:
+    """This rank's trainer state from the checkpoint folder `path`."""
     mine = path / "trainer_state" / f"rank{dist.get_rank():05d}.pt"
     if not mine.is_file():
         # A new layout: take rank 0's state (the data loader then continues from the

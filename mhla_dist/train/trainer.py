@@ -24,11 +24,20 @@ import torch
 import torch.distributed as dist
 
 from mhla_dist.config import Config, LMConfig, config_to_yaml
+from mhla_dist.convert.universal import universal_checkpoint_info
 from mhla_dist.parallel import DeepSpeedMPU, Topology, build_topology
 
-from .checkpoint import find_resume, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import find_resume, load_trainer_state, rng_state, save_checkpoint, set_rng_state
 from .metrics_log import MetricsLogger, NullLogger
 from .schedule import learning_rate
+from .start import (
+    StartPlan,
+    deepspeed_checkpoint_config,
+    describe,
+    load_carried,
+    load_weights,
+    plan_start,
+)
 from .tasks import make_task
 
 log = logging.getLogger("mhla_dist.train")
@@ -38,9 +47,10 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
-def deepspeed_config(cfg: Config) -> dict:
+def deepspeed_config(cfg: Config, start: StartPlan | None = None) -> dict:
     o = cfg.optim
     return {
+        "checkpoint": deepspeed_checkpoint_config(start) if start else {},
         "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
         "gradient_accumulation_steps": cfg.train.grad_accum,
         # DeepSpeed 0.19 clips to 1.0 unless told: always say what the config says.
@@ -89,10 +99,15 @@ class Trainer:
         self.task = make_task(cfg, self.topo)
         model = self.task.build_model()
         resume = find_resume(self.ckpt_dir, cfg.resume)
-        self._init_weights(model, resume)
+        self.start = plan_start(cfg, resume, self.topo)
+        load_weights(self.start, model, cfg, self.topo)
+        # Which tensors are split over TP, for DeepSpeed's universal checkpoint converter.
+        model.universal_checkpoint_info = universal_checkpoint_info(model)
         self.engine, *_ = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-            config=deepspeed_config(cfg), mpu=DeepSpeedMPU(self.topo))
+            config=deepspeed_config(cfg, self.start), mpu=DeepSpeedMPU(self.topo))
+        load_carried(self.start, self.engine)
+        log.info("%s", describe(self.start, self.topo))
         self.step, self.skipped, self.nonfinite_streak = 0, 0, 0
         self.train_loader = self.task.loader("train")
         if self.train_loader is None:
@@ -112,26 +127,8 @@ class Trainer:
                 "nonfinite_streak": self.nonfinite_streak,
                 "train_loader": self.train_loader.state_dict(), "rng": rng_state()}
 
-    def _init_weights(self, model: torch.nn.Module, resume: Path | None) -> None:
-        """`init.weights`: consolidated weights, resharded to this layout, before DeepSpeed
-        wraps the model; a checkpoint to resume from wins (a restarted run continues)."""
-        from mhla_dist.convert.reshard import check_resume_layout, load_consolidated_weights
-
-        if resume is not None:
-            check_resume_layout(resume, self.topo.tp, self.topo.dp_cp_size)
-            if self.cfg.init.weights:
-                log.info("init.weights=%s ignored: resuming from %s (optimizer carried over)",
-                         self.cfg.init.weights, resume)
-            return
-        if self.cfg.init.weights:
-            load_consolidated_weights(model, self.cfg.init.weights, self.topo.tp_group,
-                                      self.cfg.model)
-            log.info("initialised the weights from %s at tp=%d cp=%d dp=%d; optimizer state "
-                     "reset (init.optimizer=%s)", self.cfg.init.weights, self.topo.tp,
-                     self.topo.cp, self.topo.dp, self.cfg.init.optimizer)
-
     def _restore(self, path: Path) -> None:
-        state = load_checkpoint(self.engine, path)
+        state = load_trainer_state(path)
         self.step, self.skipped = state["step"], state["skipped"]
         self.nonfinite_streak = state["nonfinite_streak"]
         self.train_loader.load_state_dict(state["train_loader"])
