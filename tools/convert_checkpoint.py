@@ -5,6 +5,10 @@
     python tools/convert_checkpoint.py zero-to-safetensors runs/x/checkpoints/step00001000 out.st
     python tools/convert_checkpoint.py zero-to-safetensors runs/x out.st --tag step00000500 \
         --dtype bf16
+    # a DeepSpeed checkpoint -> a universal checkpoint, to resume at another DP x CP x TP
+    # layout or ZeRO stage with the optimizer state carried over (resume=runs/x/universal)
+    python tools/convert_checkpoint.py to-universal runs/x/checkpoints/step00001000 \
+        runs/x/universal
     # a Hugging Face Llama (safetensors + config.json) -> the MHLA LM
     python tools/convert_checkpoint.py import-llama hf/llama/ out/mhla.safetensors --block-size 256
     # a facebookresearch DiT (.pt/.pth, or safetensors) -> the MHLA DiT (a preset, or sizes
@@ -16,8 +20,9 @@
     # resize the learned Mc for a new max_seq_len / block size
     python tools/convert_checkpoint.py resize-mixing in.safetensors out.safetensors max_seq_len=8192
 
-Train from consolidated weights at any layout with `init.weights=FILE.safetensors` (the
-optimizer state is reset; `resume=PATH` carries it over at the saved layout).
+Train from saved weights at any layout with `init.weights=PATH` (a .safetensors file, a
+checkpoint folder or a universal checkpoint folder) and `init.optimizer=carry|reset`;
+`resume=PATH` continues a run (a universal checkpoint: at any layout).
 """
 
 from __future__ import annotations
@@ -38,6 +43,14 @@ def _zero(args) -> str:
 
     out = zero_to_safetensors(args.checkpoint, args.output, tag=args.tag, dtype=args.dtype)
     return f"wrote {out} and {out.with_name('model_config.json')}"
+
+
+def _universal(args) -> str:
+    from mhla_dist.convert.universal import to_universal
+
+    out = to_universal(args.checkpoint, args.output, tag=args.tag, workers=args.workers)
+    return (f"wrote {out}; resume it at any layout with resume={out} (optimizer carried "
+            f"over), or start a new run from it with init.weights={out}")
 
 
 def _llama(args) -> str:
@@ -89,6 +102,15 @@ def _parser() -> argparse.ArgumentParser:
     z.add_argument("output", help="the .safetensors file to write")
     z.add_argument("--tag", default=None, help="checkpoint tag (default: the 'latest' file)")
     z.set_defaults(run=_zero)
+    u = sub.add_parser("to-universal", help="DeepSpeed ZeRO/TP checkpoint -> DeepSpeed "
+                       "universal checkpoint (any layout, optimizer state kept)")
+    u.add_argument("checkpoint", help="a checkpoint tag folder, its checkpoints/ parent or "
+                   "the run directory")
+    u.add_argument("output", help="the folder to create")
+    u.add_argument("--tag", default=None, help="checkpoint tag (default: the 'latest' file)")
+    u.add_argument("--workers", type=int, default=1,
+                   help="processes for DeepSpeed's converter (default 1)")
+    u.set_defaults(run=_universal)
     ll = sub.add_parser("import-llama", help="HF Llama safetensors -> MHLA LM weights")
     ll.add_argument("source", help="a .safetensors file or a folder of them (with config.json)")
     ll.add_argument("output")

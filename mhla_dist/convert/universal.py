@@ -29,12 +29,20 @@ import os
 import re
 import shutil
 import tempfile
+from math import prod
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .model_spec import ConversionError, ModelConfig, check_state, parameter_layout, read_run_config
+from .model_spec import (
+    ConversionError,
+    ModelConfig,
+    ParamInfo,
+    check_state,
+    parameter_layout,
+    read_run_config,
+)
 from .zero import resolve_checkpoint, tp_model_files
 
 log = logging.getLogger("mhla_dist.convert")
@@ -105,8 +113,14 @@ def _check_convertible(folder: Path) -> tuple[int, int, int]:
         raise ConversionError(
             f"{ranks[0]} holds no {UNIVERSAL_CHECKPOINT_INFO} (the checkpoint was not written "
             "by this trainer): DeepSpeed cannot tell which tensors are split over TP")
-    optim = [p for p in folder.iterdir() if _OPTIM.search(p.name)]
-    return len(ranks), len(optim) // len(ranks), stage
+    per_rank = {r: sum(1 for p in folder.iterdir()
+                       if _OPTIM.search(p.name) and f"mp_rank_{r:02d}_" in p.name)
+                for r in ranks}
+    if len(set(per_rank.values())) != 1:
+        raise ConversionError(
+            f"{folder}: optimizer shards per TP rank {per_rank}; every TP rank needs one per "
+            "data-parallel rank (a rank's files are missing)")
+    return len(ranks), per_rank[0], stage
 
 
 def to_universal(path: str | Path, output: str | Path, *, tag: str | None = None,
@@ -126,7 +140,8 @@ def to_universal(path: str | Path, output: str | Path, *, tag: str | None = None
     cfg = read_run_config(folder / "config.yaml")
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as tmp:
         staged = Path(tmp) / output.name
-        args = argparse.Namespace(input_folder=str(folder), output_folder=str(staged),
+        view = _input_view(folder, Path(tmp) / "input")
+        args = argparse.Namespace(input_folder=str(view), output_folder=str(staged),
                                   num_extract_workers=workers, num_merge_workers=workers,
                                   keep_temp_folder=False, strict=True,
                                   inject_missing_state=False)
@@ -134,10 +149,11 @@ def to_universal(path: str | Path, output: str | Path, *, tag: str | None = None
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
             ds_to_universal.main(args)
         log.debug("ds_to_universal: %s", out.getvalue())
-        check_state(read_universal_weights(staged), parameter_layout(cfg),
-                    f"the weights converted from {folder}")
         _name_model_states_for_every_stage(staged)
-        _complete_optimizer_state(staged, folder, stage)
+        layout = parameter_layout(cfg)
+        _complete_optimizer_state(staged, folder, stage, layout)
+        check_state(read_universal_weights(staged), layout,
+                    f"the weights converted from {folder}")
         shutil.copytree(folder / "trainer_state", staged / "trainer_state")
         shutil.copy2(folder / "config.yaml", staged / "config.yaml")
         (staged / MARKER).write_text(json.dumps(
@@ -145,6 +161,22 @@ def to_universal(path: str | Path, output: str | Path, *, tag: str | None = None
              "zero_stage": stage}, indent=1))
         staged.rename(output)
     return output
+
+
+def _input_view(folder: Path, view: Path) -> Path:
+    """The checkpoint as ds_to_universal can read it: megatron-core's linear layers save an
+    `_extra_state` entry of None, on which DeepSpeed 0.19's converter fails; the model-state
+    files are rewritten without such entries, everything else is linked."""
+    view.mkdir()
+    for path in folder.iterdir():
+        if path.name.endswith("_model_states.pt"):
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            if state.get("module") is not None:
+                state["module"] = {k: v for k, v in state["module"].items() if v is not None}
+            torch.save(state, view / path.name)
+        elif path.is_file():
+            (view / path.name).symlink_to(path.resolve())
+    return view
 
 
 def _name_model_states_for_every_stage(folder: Path) -> None:
@@ -165,12 +197,15 @@ def _name_model_states_for_every_stage(folder: Path) -> None:
                     shutil.copy2(path, target)
 
 
-def _complete_optimizer_state(staged: Path, source: Path, stage: int) -> None:
+def _complete_optimizer_state(staged: Path, source: Path, stage: int,
+                              layout: dict[str, ParamInfo]) -> None:
     """Make `zero/optimizer_state.pt` and the per-parameter `step.pt` loadable at every
     ZeRO stage. ds_to_universal writes them in the source stage's shape, and DeepSpeed's
     loaders differ: stages 1/2 need `ds_version` and a `step.pt` per parameter (stage 3
     sources have neither); stage 3 reads the step from `optimizer_state_dict` (stage 1/2
-    sources have none). The values come from the source's own optimizer file; the
+    sources have none); stages 1/2 read each state as `{"param": full-shape tensor,
+    "cat_dim": TP split dim}`, which a stage-3 source without TP writes as a bare flat
+    tensor. The values come from the source's own optimizer file and the model's layout; the
     stage-3 source's flat fp32 partition of rank 0, which fits no other layout, is
     dropped."""
     optim = sorted(p for p in source.iterdir() if _OPTIM.search(p.name))
@@ -186,9 +221,31 @@ def _complete_optimizer_state(staged: Path, source: Path, stage: int) -> None:
     sd["optimizer_state_dict"] = {"state": {i: {"step": step} for i in range(len(groups))},
                                   "param_groups": groups}
     torch.save(sd, path)
-    for param in (staged / "zero").glob("**/fp32.pt"):
-        if not (param.parent / "step.pt").exists():
-            torch.save(step, param.parent / "step.pt")
+    from deepspeed.checkpoint.constants import CAT_DIM, PARAM
+
+    zero = staged / "zero"
+    for name, info in layout.items():
+        folder = zero / name
+        if not (folder / "fp32.pt").is_file():
+            raise ConversionError(f"DeepSpeed's converter wrote no weights for {name}")
+        if not (folder / "step.pt").exists():
+            torch.save(step, folder / "step.pt")
+        for f in folder.glob("*.pt"):
+            if f.name == "step.pt":
+                continue
+            entry = torch.load(f, map_location="cpu", weights_only=False)
+            if torch.is_tensor(entry):
+                entry = {PARAM: entry}
+            t = entry[PARAM]
+            if t.numel() != prod(info.shape):
+                raise ConversionError(f"{name}/{f.name} holds {t.numel()} values; the model's "
+                                      f"{name} has shape {info.shape}")
+            entry[PARAM] = t.reshape(info.shape)
+            if info.partition_dim is None:
+                entry.pop(CAT_DIM, None)
+            else:
+                entry[CAT_DIM] = info.partition_dim
+            torch.save(entry, f)
 
 
 def read_universal_weights(folder: str | Path) -> dict[str, torch.Tensor]:

@@ -18,6 +18,7 @@ start from `init.weights` begins at step 0. The choice is logged.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,11 +111,43 @@ def load_weights(plan: StartPlan, model: torch.nn.Module, cfg: Config, topo: Top
                       model_cfg=cfg.model)
 
 
-def load_carried(plan: StartPlan, engine) -> None:
+@contextlib.contextmanager
+def _zero3_tp_slicing(module: torch.nn.Module, cfg: Config, topo: Topology):
+    """DeepSpeed's ZeRO-3 takes each TP rank's slice of a universal checkpoint's tensors
+    only for parameters that describe their split (its AutoTP metadata) and through its
+    own TP group (`deepspeed.utils.groups`), which a megatron-core model does not set.
+    Give it both for the load, then take them away again."""
+    if cfg.zero.stage != 3 or topo.tp == 1:
+        yield
+        return
+    from deepspeed.checkpoint.constants import DS_AUTOTP_UC_META
+    from deepspeed.utils import groups
+
+    for p in module.parameters():
+        dim = p.partition_dim if getattr(p, "tensor_model_parallel", False) else None
+        shape = list(getattr(p, "ds_shape", p.shape))
+        if dim is not None:
+            shape[dim] *= topo.tp
+        setattr(p, DS_AUTOTP_UC_META, {"partition_dim": dim, "logical_shape": tuple(shape),
+                                       "replicated": dim is None})
+    saved = groups._TENSOR_MODEL_PARALLEL_GROUP
+    groups._TENSOR_MODEL_PARALLEL_GROUP = topo.tp_group
+    try:
+        yield
+    finally:
+        groups._TENSOR_MODEL_PARALLEL_GROUP = saved
+        for p in module.parameters():
+            delattr(p, DS_AUTOTP_UC_META)
+
+
+def load_carried(plan: StartPlan, engine, cfg: Config, topo: Topology) -> None:
     """Carry: weights and optimizer state through DeepSpeed's own loader."""
     if not plan.carry:
         return
-    loaded, _ = engine.load_checkpoint(str(plan.source.parent), tag=plan.source.name)
+    slicing = (_zero3_tp_slicing(engine.module, cfg, topo) if plan.kind == "universal"
+               else contextlib.nullcontext())
+    with slicing:
+        loaded, _ = engine.load_checkpoint(str(plan.source.parent), tag=plan.source.name)
     if loaded is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {plan.source}")
 

@@ -106,7 +106,7 @@ class Trainer:
         self.engine, *_ = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
             config=deepspeed_config(cfg, self.start), mpu=DeepSpeedMPU(self.topo))
-        load_carried(self.start, self.engine)
+        load_carried(self.start, self.engine, cfg, self.topo)
         log.info("%s", describe(self.start, self.topo))
         self.step, self.skipped, self.nonfinite_streak = 0, 0, 0
         self.train_loader = self.task.loader("train")
