@@ -1,8 +1,9 @@
 """What a checkpoint holds, as text: the tensor tree (shapes, dtypes), parameter counts,
 the model config and statistics of the `Mc` (mixing) matrices.
 
-Works on a consolidated safetensors file or a DeepSpeed checkpoint folder of the trainer
-(consolidated in memory first, so shapes are the full, TP-merged ones).
+Works on a consolidated safetensors file, a DeepSpeed checkpoint folder of the trainer
+(consolidated in memory first, so shapes are the full, TP-merged ones) or a universal
+checkpoint folder (its fp32 weights).
 """
 
 from __future__ import annotations
@@ -14,6 +15,12 @@ import torch
 
 from .files import read_consolidated
 from .model_spec import ConversionError, ModelConfig, model_config_json
+from .universal import (
+    is_universal,
+    read_universal_weights,
+    universal_model_config,
+    universal_source,
+)
 from .zero import consolidate_zero_checkpoint, resolve_checkpoint, tp_model_files
 
 
@@ -24,6 +31,11 @@ def load_any(path: str | Path, tag: str | None = None
     if path.is_file():
         state, cfg = read_consolidated(path)
         return state, cfg, f"safetensors file {path}"
+    if path.is_dir() and is_universal(path):
+        src = universal_source(path)
+        return (read_universal_weights(path), universal_model_config(path),
+                f"universal checkpoint {path} (converted from TP = {src['tp']}, "
+                f"DP x CP = {src['dp_cp']}, ZeRO {src['zero_stage']}; optimizer state kept)")
     if path.is_dir():
         folder = resolve_checkpoint(path, tag)
         state, cfg = consolidate_zero_checkpoint(folder)

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from mhla_dist.config import load_config
+from mhla_dist.convert.inspection import describe
 from mhla_dist.convert.model_spec import ConversionError
 from mhla_dist.convert.universal import (
     read_universal_weights,
@@ -63,6 +64,8 @@ def test_universal_state_is_the_source_state(trained, universal):
         for name, ref in tp1.items():
             assert ref.abs().max() > 0, (key, name)  # two steps moved every moment
             assert rel(tp2[name], ref) <= 10 * RTOL, (key, name, rel(tp2[name], ref))
+    text = describe(universal["tp2"])
+    assert "universal checkpoint" in text and "ZeRO 3" in text and "43,264" in text
     src = universal_source(universal["tp2"])
     assert (src["tp"], src["dp_cp"], src["zero_stage"]) == (2, 1, 3)
     assert universal_source(universal["cp2z2"])["dp_cp"] == 2
