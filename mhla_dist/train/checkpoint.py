@@ -36,6 +36,10 @@ def _tags(ckpt_dir: Path) -> list[str]:
     return sorted(p.name for p in ckpt_dir.glob("step*") if p.is_dir())
 
 
+def _saved_step(path: Path) -> int:
+    return torch.load(path / "trainer_state" / f"rank{0:05d}.pt", weights_only=False)["step"]
+
+
 def find_resume(ckpt_dir: Path, resume: str) -> Path | None:
     """The checkpoint folder to resume from: `latest` (resume=auto), a given folder, or
     None (resume=none, or nothing complete yet)."""
@@ -47,6 +51,13 @@ def find_resume(ckpt_dir: Path, resume: str) -> Path | None:
             raise FileNotFoundError(
                 f"resume={resume!r} is not a complete checkpoint folder (no trainer_state/ "
                 f"inside); give a folder like {ckpt_dir / tag_for(100)} or resume=auto")
+        own = ckpt_dir / LATEST
+        if own.is_file() and (ckpt_dir / own.read_text().strip()).is_dir():
+            newer = ckpt_dir / own.read_text().strip()
+            if _saved_step(newer) > _saved_step(path):
+                log.warning("resume=%s (step %d) is older than this run's latest checkpoint "
+                            "%s (step %d); resume=auto continues from there", path,
+                            _saved_step(path), newer, _saved_step(newer))
         return path
     latest = ckpt_dir / LATEST
     tags = _tags(ckpt_dir) if ckpt_dir.is_dir() else []

@@ -102,7 +102,10 @@ def test_keep_last_and_an_incomplete_checkpoint_is_ignored(tmp_path, caplog):
 
     with caplog.at_level("WARNING"):
         assert find_resume(ckpt, "auto") == ckpt / "step00000004"
+        # an explicit older folder is used as given, with a pointer to the newer one
+        assert find_resume(ckpt, str(ckpt / "step00000003")) == ckpt / "step00000003"
     assert "newer than latest" in caplog.text
+    assert "step00000003 (step 3) is older than this run's latest checkpoint" in caplog.text
     (ckpt / "latest").unlink()
     assert find_resume(ckpt, "auto") is None
     assert "no completed 'latest' entry" in caplog.text
