@@ -25,7 +25,7 @@ from mhla_dist.convert.universal import (
 )
 from mhla_dist.convert.zero import consolidate_zero_checkpoint
 from tests.parallel.harness import run_ranks
-from tests.train.runs import TINY_RUN, train_rank_fn
+from tests.train.runs import TINY_DIT_RUN, TINY_RUN, clips, train_rank_fn
 from tools.convert_checkpoint import main as convert_main
 
 from .conftest import STEPS
@@ -71,7 +71,7 @@ def test_universal_state_is_the_source_state(trained, universal):
     assert universal_source(universal["cp2z2"])["dp_cp"] == 2
 
 
-def _continue_rank_fn(rank, world, overrides):
+def _continue_rank_fn(rank, world, overrides, base=None):
     """Train `overrides` over the tiny LM; returns rank 0's losses and start log line."""
     records = []
     handler = logging.Handler()
@@ -79,13 +79,14 @@ def _continue_rank_fn(rank, world, overrides):
     logger = logging.getLogger("mhla_dist.train")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
-    result = train_rank_fn(rank, world, overrides)
+    result = train_rank_fn(rank, world, overrides, base=base)
     return {"losses": [row["loss"] for row in result["rows"]],
             "log": [m for m in records if "optimizer state" in m]}
 
 
-def _continue(run_dir, world, *overrides):
-    out = run_ranks(_continue_rank_fn, world, [f"run_dir={run_dir}", *MORE, *overrides])[0]
+def _continue(run_dir, world, *overrides, base=None):
+    out = run_ranks(_continue_rank_fn, world, [f"run_dir={run_dir}", *MORE, *overrides],
+                    base)[0]
     return out, load_file(str(run_dir / "model.safetensors"))
 
 
@@ -132,6 +133,24 @@ def test_zero2_state_split_over_two_ranks_resumes_at_tp2(trained, universal, cp2
     _, carried = _continue(tmp_path / "carried", 2, f"resume={universal['cp2z2']}",
                            "parallel.tp=2", f"zero.stage={stage}", *trained["data"])
     assert _max_rel(carried, cp2z2_native) <= 1e-6, _max_rel(carried, cp2z2_native)
+
+
+@pytest.mark.slow
+def test_dit_moves_from_cp2_zero2_to_tp2_zero3(tmp_path):
+    """The DiT's split parameters (adaLN, patch embedding, attention, MLP) too."""
+    data = clips(tmp_path)
+    src = tmp_path / "src"
+    run_ranks(train_rank_fn, 2, [f"run_dir={src}", "parallel.cp=2", "zero.stage=2", *STEPS,
+                                 *data], None, TINY_DIT_RUN)
+    uni = to_universal(src, tmp_path / "uni")
+    _, native = _continue(tmp_path / "native", 2, f"resume={_tag(src)}", "parallel.cp=2",
+                          "zero.stage=2", *data, base=TINY_DIT_RUN)
+    _, carried = _continue(tmp_path / "carried", 2, f"resume={uni}", "parallel.tp=2",
+                           "zero.stage=3", *data, base=TINY_DIT_RUN)
+    _, reset = _continue(tmp_path / "reset", 2, f"resume={uni}", "parallel.tp=2",
+                         "zero.stage=3", "init.optimizer=reset", *data, base=TINY_DIT_RUN)
+    assert _max_rel(carried, native) <= 1e-6, _max_rel(carried, native)
+    assert _max_rel(reset, native) >= 1e-3
 
 
 def _loaded_moments_rank_fn(rank, world, overrides):
