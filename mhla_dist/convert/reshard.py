@@ -97,5 +97,5 @@ def check_resume_layout(folder: Path, tp: int, dp_cp: int) -> None:
             + (f", dp x cp={saved_dp}" if saved_dp is not None else "")
             + f"; this run has tp={tp}, dp x cp={dp_cp}. To carry the optimizer state over, "
             f"convert it (tools/convert_checkpoint.py to-universal {folder} NEW_FOLDER) and "
-            "resume=NEW_FOLDER; or keep the weights only with init.weights=PATH "
-            "init.optimizer=reset; or run at the saved layout")
+            "give NEW_FOLDER instead (resume= or init.weights=); or keep the weights only "
+            "with init.optimizer=reset; or run at the saved layout")

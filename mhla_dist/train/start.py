@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from mhla_dist.config import Config
+from mhla_dist.convert.files import read_consolidated
 from mhla_dist.convert.model_spec import ConversionError, read_run_config
 from mhla_dist.convert.reshard import (
     check_resume_layout,
@@ -34,6 +35,7 @@ from mhla_dist.convert.reshard import (
     saved_layout,
 )
 from mhla_dist.convert.universal import is_universal, read_universal_weights, universal_source
+from mhla_dist.convert.zero import consolidate_zero_checkpoint, resolve_checkpoint
 from mhla_dist.parallel import Topology
 
 log = logging.getLogger("mhla_dist.train")
@@ -68,6 +70,9 @@ def plan_start(cfg: Config, resume: Path | None, topo: Topology) -> StartPlan:
     source = resume if resume is not None else Path(cfg.init.weights)
     if not source.exists():
         raise ConversionError(f"init.weights={str(source)!r} does not exist")
+    if source.is_dir() and not is_universal(source) and not any(
+            source.glob("*mp_rank_*_model_states.pt")):
+        source = resolve_checkpoint(source)  # a run directory or its checkpoints/ folder
     kind = _kind(source)
     choice = cfg.init.optimizer
     if choice == "carry" and kind == "file":
@@ -97,9 +102,6 @@ def load_weights(plan: StartPlan, model: torch.nn.Module, cfg: Config, topo: Top
     model (a carried start loads them with the optimizer, after)."""
     if plan.kind == "scratch" or plan.carry:
         return
-    from mhla_dist.convert.files import read_consolidated
-    from mhla_dist.convert.zero import consolidate_zero_checkpoint
-
     file_cfg = None
     if plan.kind == "file":
         state, file_cfg = read_consolidated(plan.source)

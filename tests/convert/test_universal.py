@@ -245,3 +245,19 @@ def test_universal_into_zero0_or_another_model_is_refused(universal):
     cfg = load_config(None, TINY_RUN + ["model.num_layers=3", f"resume={universal['tp2']}"])
     with pytest.raises(ConversionError, match="another model config: num_layers"):
         plan_start(cfg, universal["tp2"], topo)
+
+
+def test_init_weights_takes_a_run_directory_and_checks_its_layout(trained):
+    from types import SimpleNamespace
+
+    from mhla_dist.train.start import plan_start
+
+    cfg = load_config(None, TINY_RUN + [f"init.weights={trained['tp2']}"])
+    plan = plan_start(cfg, None, SimpleNamespace(tp=2, dp_cp_size=1))
+    assert (plan.source, plan.kind, plan.carry, plan.resume) == (
+        _tag(trained["tp2"]), "checkpoint", True, False)
+    with pytest.raises(ConversionError, match="saved at tp=2.*this run has tp=1.*to-universal"):
+        plan_start(cfg, None, SimpleNamespace(tp=1, dp_cp_size=2))
+    cfg = load_config(None, TINY_RUN + [f"init.weights={trained['tp2']}",
+                                        "init.optimizer=reset"])
+    assert plan_start(cfg, None, SimpleNamespace(tp=1, dp_cp_size=2)).carry is False
