@@ -4,8 +4,10 @@
     python tools/bench_kernels.py --d 128 --n 16384    # a subset
     python tools/bench_kernels.py --dry-run            # tiny shapes, CPU, Triton interpreter
 
-For every shape it first checks the Triton output and gradients against the torch
-backend (and stops on a mismatch), then times forward and forward+backward. The operator
+It first checks the fp32 kernels against the quadratic `mhla_reference` (and stops on a
+mismatch); then, for every shape, the Triton output and gradients against the torch
+backend in float64 (a configuration that fails is reported and not timed); then it times
+forward and forward+backward. The operator
 is memory-bound, so besides time it reports achieved bytes/s over the minimal traffic
 (q, k, v read and o written once; backward also reads o, do and writes dq, dk, dv) and
 that as a fraction of this card's device-to-device copy bandwidth, measured here with a
@@ -33,6 +35,8 @@ DEFAULT_OUT_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "resul
 # of a normalised output is nearly orthogonal to each row of Mc (scaling a row changes
 # only eps), so its two terms cancel and its relative error is larger.
 CHECK_TOL = {"o": 3e-2, "dq": 3e-2, "dk": 3e-2, "dv": 3e-2, "dmixing": 1e-1}
+# fp32 inputs against the float64 quadratic reference: fp32 accumulation in other orders.
+REF_TOL = 1e-4
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,11 +60,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None,
                    help=f"JSON path (default: {DEFAULT_OUT_DIR}/kernels_<gpu>_<time>.json); "
                    "the PNG goes beside it")
+    p.add_argument("--time-budget-s", type=float, default=0.0,
+                   help="stop timing new shapes after this many seconds (0: no limit); the "
+                   "JSON is rewritten after every shape, so a cut-short run keeps its rows")
     p.add_argument("--dry-run", action="store_true",
                    help="tiny shapes on CPU under TRITON_INTERPRET=1 (checks the plumbing)")
     args = p.parse_args(argv)
     if args.dry_run:
-        args.batch, args.heads, args.d, args.n, args.block_sizes = 1, 2, [16], [64], [16, 32]
+        # at least 4 blocks: with 2, the normalised mixing gradient is mostly cancellation
+        args.batch, args.heads, args.d, args.n, args.block_sizes = 1, 2, [16], [64], [8, 16]
     return args
 
 
@@ -154,15 +162,15 @@ def baselines(device, causal: bool) -> dict[str, Callable]:
 
     out = {"sdpa_flash": sdpa}
     if causal and device.type == "cuda":
-        try:
+        try:  # fla queries the driver at import: anything can go wrong there
             from fla.ops.linear_attn import chunk_linear_attn
 
             # [B, T, H, K] layout, like mhla; fla normalises by a running key sum.
             out["fla_chunk_linear"] = lambda q, k, v, _m: chunk_linear_attn(
                 q, k, v, normalize=True
             )[0]
-        except ImportError:
-            log.info("fla is not importable: skipping flash-linear-attention")
+        except Exception as exc:  # noqa: BLE001
+            log.warning("fla is not importable (%s): skipping flash-linear-attention", exc)
     return out
 
 
@@ -181,33 +189,109 @@ def bench_one(fn: Callable, inputs, measure, with_backward: bool) -> float:
     return measure(step)
 
 
-def run(args) -> dict:
+# The issue's targets, all at N = 64K, H = 16, d = 64, block 256.
+TARGET = dict(n=65536, d=64, block_size=256)
+
+
+def reference_check(device, small: bool = False) -> list[dict]:
+    """fp32 Triton output and gradients against the quadratic `mhla_reference` (small
+    shapes: the reference is N x N), causal and not, a ragged last block included."""
+    from mhla_kernels import mhla_reference
+    from mhla_kernels.triton_mhla import mhla_triton
+
+    args = argparse.Namespace(batch=2, heads=3)
+    out = []
+    for causal in (False, True):
+        for n, d, c in ((40, 16, 16), (40, 8, 32)) if small else ((1000, 64, 64), (700, 32, 256)):
+            inputs = make_inputs(args, n, d, c, device, torch.float32, causal)
+            errs = check_correctness(
+                lambda q, k, v, m, c=c, causal=causal: mhla_triton(q, k, v, m, c, causal=causal),
+                lambda q, k, v, m, c=c, causal=causal: mhla_reference(
+                    q.double(), k.double(), v.double(), m.double(), c, causal=causal),
+                inputs)
+            out.append(dict(causal=causal, n=n, d=d, block_size=c, **errs))
+            log.info("reference check causal=%s N=%d d=%d C=%d: %s", causal, n, d, c,
+                     " ".join(f"{k} {e:.1e}" for k, e in errs.items()))
+            bad = {k: e for k, e in errs.items() if not e < REF_TOL}
+            if bad:
+                raise RuntimeError(f"fp32 triton differs from mhla_reference at causal={causal} "
+                                   f"N={n} d={d} C={c}: {bad} (tolerance {REF_TOL})")
+    return out
+
+
+def ordered_shapes(args) -> list[tuple[bool, int, int]]:
+    """Every (causal, d, N), the targets' shapes first (a run cut short keeps them)."""
+    modes = {"causal": [True], "noncausal": [False], "both": [False, True]}[args.causal]
+    shapes = [(causal, d, n) for causal in modes for d in args.d for n in args.n]
+    return sorted(shapes, key=lambda s: (s[2] != TARGET["n"], s[1] != TARGET["d"]))
+
+
+def targets(rows: list[dict]) -> dict:
+    """The issue's three figures, where the rows hold them."""
+    def find(impl, causal, mode, block_size=TARGET["block_size"]):
+        for r in rows:
+            if (r["impl"], r["causal"], r["mode"], r["n"], r["d"]) == (
+                    impl, causal, mode, TARGET["n"], TARGET["d"]) and (
+                    block_size is None or r["block_size"] == block_size):
+                return r
+        return None
+
+    out = {}
+    fwd = find("triton", False, "fwd")
+    if fwd:
+        out["noncausal_fwd_frac_copy_bw"] = dict(value=fwd["frac_copy_bw"], goal=">= 0.60")
+    for causal in (False, True):
+        tri, sdpa = find("triton", causal, "fwd+bwd"), find("sdpa_flash", causal, "fwd+bwd", None)
+        if tri and sdpa:
+            out[f"{'causal' if causal else 'noncausal'}_fwd_bwd_speedup_over_sdpa_flash"] = dict(
+                value=sdpa["ms"] / tri["ms"], goal=">= 20")
+    tri, fla = find("triton", True, "fwd+bwd"), find("fla_chunk_linear", True, "fwd+bwd", None)
+    if tri and fla:
+        out["causal_fwd_bwd_time_over_fla"] = dict(value=tri["ms"] / fla["ms"], goal="<= 1.5")
+    return out
+
+
+def run(args, save: Callable[[dict], None] = lambda report: None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     measure = timer(device, args.warmup_ms, args.rep_ms)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu-interpreter"
+    start = time.perf_counter()
     copy_bw = copy_bandwidth(device, measure)
     log.info("%s: device-to-device copy %.0f GB/s", gpu, copy_bw / 1e9)
-    modes = {"causal": [True], "noncausal": [False], "both": [False, True]}[args.causal]
-    shapes = [(causal, d, n) for causal in modes for d in args.d for n in args.n]
-    # Every Triton configuration is checked against the torch backend before any timing.
-    checks = []
+    report = dict(gpu=gpu, dtype=args.dtype, batch=args.batch, heads=args.heads,
+                  copy_bytes_per_s=copy_bw, torch=torch.__version__,
+                  date=datetime.datetime.now().isoformat(timespec="seconds"),
+                  reference_checks=reference_check(device, small=args.dry_run),
+                  checks=[], results=[], errors=[], complete=False, targets={})
+    shapes = ordered_shapes(args)
+    # Every Triton configuration is checked against the torch backend before any timing; one
+    # that fails is reported and never timed.
+    failed: set[tuple] = set()
     for causal, d, n in shapes:
         if n > args.check_max_tokens:
             continue
         for c in args.block_sizes:
             impls = implementations(causal, c)
             inputs = make_inputs(args, n, d, c, device, dtype, causal)
-            errs = check_correctness(impls["triton"], impls["torch"], inputs)
-            checks.append(dict(causal=causal, d=d, n=n, block_size=c, **errs))
-            log.info("check causal=%s d=%d N=%d C=%d: %s", causal, d, n, c,
-                     " ".join(f"{k} {e:.1e}" for k, e in errs.items()))
+            # The reference: the torch backend in float64 on the same (rounded) inputs, so
+            # the error is the kernels' own.
+            errs = check_correctness(impls["triton"], lambda *t, f=impls["torch"]: f(
+                *(x.double() for x in t)), inputs)
             bad = {k: e for k, e in errs.items() if not e < CHECK_TOL.get(k, CHECK_TOL["o"])}
+            report["checks"].append(dict(causal=causal, d=d, n=n, block_size=c,
+                                         passed=not bad, **errs))
+            log.info("check causal=%s d=%d N=%d C=%d: %s%s", causal, d, n, c,
+                     " ".join(f"{k} {e:.1e}" for k, e in errs.items()),
+                     f"  FAILED {bad} (tolerances {CHECK_TOL}): not timed" if bad else "")
             if bad:
-                raise RuntimeError(f"triton differs from torch at causal={causal} d={d} N={n} "
-                                   f"C={c}: {bad} (tolerances {CHECK_TOL})")
-    rows = []
-    for causal, d, n in shapes:
+                failed.add((causal, d, n, c))
+    rows = report["results"]
+    for i, (causal, d, n) in enumerate(shapes):
+        if args.time_budget_s and time.perf_counter() - start > args.time_budget_s:
+            log.warning("time budget of %.0f s spent: %d of %d shapes timed",
+                        args.time_budget_s, i, len(shapes))
+            break
         impls = {(name, c): fn for c in args.block_sizes
                  for name, fn in implementations(causal, c).items()}
         impls.update({(name, None): fn for name, fn in baselines(device, causal).items()})
@@ -216,23 +300,30 @@ def run(args) -> dict:
                 continue
             if name == "torch" and n > args.torch_max_tokens:
                 continue
+            if name == "triton" and (causal, d, n, c) in failed:
+                continue
             inputs = make_inputs(args, n, d, c or args.block_sizes[0], device, dtype, causal)
             for with_backward in (False, True):
                 row = dict(impl=name, causal=causal, d=d, n=n, block_size=c,
                            mode="fwd+bwd" if with_backward else "fwd")
                 try:
                     ms = bench_one(fn, inputs, measure, with_backward)
-                except torch.OutOfMemoryError:
-                    log.warning("%s out of memory at %s", name, row)
-                    torch.cuda.empty_cache()
+                except Exception as exc:  # noqa: BLE001 (one failure must not end the sweep)
+                    log.warning("%s failed at %s: %s", name, row, exc)
+                    report["errors"].append(dict(row, error=f"{type(exc).__name__}: {exc}"))
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
                     continue
                 nbytes = min_bytes(args, n, d, dtype.itemsize, with_backward)
                 row.update(ms=ms, bytes=nbytes, bytes_per_s=nbytes / (ms * 1e-3))
                 row["frac_copy_bw"] = row["bytes_per_s"] / copy_bw
                 rows.append(row)
-    return dict(gpu=gpu, dtype=args.dtype, batch=args.batch, heads=args.heads,
-                copy_bytes_per_s=copy_bw, torch=torch.__version__, checks=checks,
-                results=rows, date=datetime.datetime.now().isoformat(timespec="seconds"))
+        report["targets"] = targets(rows)
+        save(report)
+    else:
+        report["complete"] = True
+    report["targets"] = targets(rows)
+    return report
 
 
 def print_table(report: dict) -> None:
@@ -244,6 +335,18 @@ def print_table(report: dict) -> None:
         print(f"{r['impl']:<18}{r['causal']!s:>7}{r['d']:>5}{r['n']:>8}"
               f"{r['block_size'] or '-'!s:>6}{r['mode']:>9}{r['ms']:>10.3f}"
               f"{r['bytes_per_s'] / 1e9:>9.0f}{100 * r['frac_copy_bw']:>6.1f}%")
+    if not report["complete"]:
+        print("(cut short by --time-budget-s)")
+    for e in report["errors"]:
+        print(f"ERROR {e['impl']} causal={e['causal']} d={e['d']} N={e['n']} "
+              f"C={e['block_size']} {e['mode']}: {e['error'][:200]}")
+    for c in report["checks"]:
+        if not c["passed"]:
+            print(f"FAILED CHECK (not timed): causal={c['causal']} d={c['d']} N={c['n']} "
+                  f"C={c['block_size']}: " + " ".join(
+                      f"{k} {c[k]:.1e}" for k in ("o", "dq", "dk", "dv", "dmixing")))
+    for name, t in report["targets"].items():
+        print(f"target {name}: {t['value']:.3g} (goal {t['goal']})")
 
 
 def plot(report: dict, path: Path) -> None:
@@ -256,6 +359,9 @@ def plot(report: dict, path: Path) -> None:
         log.warning("matplotlib is not installed: no plot")
         return
     panels = sorted({(r["causal"], r["d"], r["mode"]) for r in report["results"]})
+    if not panels:
+        log.warning("nothing was timed: no plot")
+        return
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, (causal, d, mode) in zip(axes[0], panels, strict=True):
         rows = [r for r in report["results"]
@@ -282,15 +388,22 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["TRITON_INTERPRET"] = "1"
     elif not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run on a GPU, or pass --dry-run")
-    report = run(args)
-    print_table(report)
     out = args.out
     if out is None:
-        gpu = report["gpu"].replace(" ", "_").replace("/", "_")
+        gpu = (torch.cuda.get_device_name() if torch.cuda.is_available() and not args.dry_run
+               else "cpu-interpreter").replace(" ", "_").replace("/", "_")
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         out = DEFAULT_OUT_DIR / f"kernels_{gpu}_{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
+
+    def save(report: dict) -> None:
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(report, indent=1))
+        tmp.replace(out)
+
+    report = run(args, save)
+    save(report)
+    print_table(report)
     plot(report, out.with_suffix(".png"))
     log.info("wrote %s and %s", out, out.with_suffix(".png"))
 
