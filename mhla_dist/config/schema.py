@@ -65,6 +65,9 @@ class DataConfig:
 class OptimConfig:
     lr: float = 3e-4
     weight_decay: float = 0.1
+    # Parameters whose name contains one of these get no weight decay; 1-D parameters
+    # (norm weights, biases) never get it (as in Megatron-LM). `mixing` is Mc.
+    no_decay: list[str] = field(default_factory=lambda: ["mixing"])
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables

@@ -29,6 +29,7 @@ from mhla_dist.parallel import DeepSpeedMPU, Topology, build_topology
 
 from .checkpoint import find_resume, load_trainer_state, rng_state, save_checkpoint, set_rng_state
 from .metrics_log import MetricsLogger, NullLogger
+from .param_groups import apply_weight_decay, param_groups
 from .schedule import learning_rate
 from .start import (
     StartPlan,
@@ -103,10 +104,12 @@ class Trainer:
         load_weights(self.start, model, cfg, self.topo)
         # Which tensors are split over TP, for DeepSpeed's universal checkpoint converter.
         model.universal_checkpoint_info = universal_checkpoint_info(model)
+        groups = param_groups(model, cfg.optim.weight_decay, list(cfg.optim.no_decay))
         self.engine, *_ = deepspeed.initialize(
-            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-            config=deepspeed_config(cfg, self.start), mpu=DeepSpeedMPU(self.topo))
+            model=model, config=deepspeed_config(cfg, self.start), mpu=DeepSpeedMPU(self.topo),
+            model_parameters=[{k: g[k] for k in ("params", "weight_decay")} for g in groups])
         load_carried(self.start, self.engine, cfg, self.topo)
+        apply_weight_decay(self.engine.optimizer, groups)
         log.info("%s", describe(self.start, self.topo))
         self.step, self.skipped, self.nonfinite_streak = 0, 0, 0
         self.train_loader = self.task.loader("train")

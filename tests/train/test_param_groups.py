@@ -1,0 +1,55 @@
+"""Weight decay only on the matrices: norms, biases and Mc are exempt, in the groups the
+trainer hands DeepSpeed and in the engine's optimizer, also after a resume."""
+
+from __future__ import annotations
+
+import torch
+
+from mhla_dist.config import load_config
+from mhla_dist.convert.model_spec import build_model, single_rank_groups
+from mhla_dist.train.param_groups import apply_weight_decay, param_groups
+from tests.parallel.harness import run_ranks
+from tests.train.runs import TINY_RUN, corpus
+
+
+def test_groups_of_the_lm():
+    cfg = load_config(None, TINY_RUN + ["model.tie_embeddings=false"])
+    with single_rank_groups() as g:
+        model = build_model(cfg.model, tp_group=g, cp_group=g)
+    decay, other = param_groups(model, 0.1, ["mixing"])
+    assert (decay["weight_decay"], other["weight_decay"]) == (0.1, 0.0)
+    assert all(".mixing" in n or n.endswith("norm.weight") or n.endswith("out_norm")
+               for n in other["names"]), other["names"]
+    assert "layers.0.attn.mixing" in other["names"] and "norm.weight" in other["names"]
+    assert "layers.0.attn.q_proj.weight" in decay["names"] and "embed.weight" in decay["names"]
+    assert len(decay["names"]) + len(other["names"]) == len(list(model.parameters()))
+    # nothing exempt by name: Mc is decayed like the other matrices
+    decay, _ = param_groups(model, 0.1, [])
+    assert "layers.0.attn.mixing" in decay["names"]
+
+
+def test_apply_weight_decay_restores_the_config_values():
+    a, b = torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.AdamW([{"params": [a], "weight_decay": 0.5},
+                             {"params": [b], "weight_decay": 0.5}])
+    apply_weight_decay(opt, [{"weight_decay": 0.1}, {"weight_decay": 0.0}])
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+
+
+def _engine_groups_rank_fn(rank, world, overrides):
+    from mhla_dist.train import Trainer
+
+    trainer = Trainer(load_config(None, TINY_RUN + list(overrides)))
+    trainer.train()
+    return [g["weight_decay"] for g in trainer.engine.optimizer.param_groups]
+
+
+def test_engine_groups_under_zero2_and_after_a_resume(tmp_path):
+    data = corpus(tmp_path)
+    run = [f"run_dir={tmp_path / 'run'}", "parallel.cp=2", "zero.stage=2", "train.steps=2",
+           *data]
+    assert run_ranks(_engine_groups_rank_fn, 2, run)[0] == [0.1, 0.0]
+    # resumed with another weight decay: the config's, not the checkpoint's
+    resumed = run_ranks(_engine_groups_rank_fn, 2, run[:-len(data)] + [
+        "train.steps=3", "optim.weight_decay=0.05", *data])[0]
+    assert resumed == [0.05, 0.0]
