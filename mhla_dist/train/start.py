@@ -152,6 +152,17 @@ def load_carried(plan: StartPlan, engine, cfg: Config, topo: Topology) -> None:
         loaded, _ = engine.load_checkpoint(str(plan.source.parent), tag=plan.source.name)
     if loaded is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {plan.source}")
+    _unshare_steps(engine.optimizer)
+
+
+def _unshare_steps(optimizer) -> None:
+    """ZeRO-3's universal load gives every parameter group's Adam state one and the same
+    `step` tensor, which torch's Adam increments in place: with two groups the step would
+    advance twice per step. Give each state its own."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    for state in inner.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
 
 
 def describe(plan: StartPlan, topo: Topology) -> str:
