@@ -27,11 +27,11 @@ def param_groups(module: nn.Module, weight_decay: float, no_decay: list[str]) ->
             for members, wd in groups if members]
 
 
-def apply_weight_decay(optimizer, groups: list[dict]) -> None:
-    """Set each group's weight decay from the config again (a loaded checkpoint brings its
-    own groups' values)."""
+def apply_hyperparameters(optimizer, groups: list[dict], betas, eps: float) -> None:
+    """Set each group's weight decay, betas and eps from the config again: a loaded
+    checkpoint brings its own groups' values (the learning rate is set every step)."""
     if len(optimizer.param_groups) != len(groups):
         raise RuntimeError(f"the optimizer has {len(optimizer.param_groups)} parameter groups, "
                            f"the config makes {len(groups)}")
     for group, want in zip(optimizer.param_groups, groups, strict=True):
-        group["weight_decay"] = want["weight_decay"]
+        group.update(weight_decay=want["weight_decay"], betas=tuple(betas), eps=eps)

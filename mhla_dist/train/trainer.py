@@ -29,7 +29,7 @@ from mhla_dist.parallel import DeepSpeedMPU, Topology, build_topology
 
 from .checkpoint import find_resume, load_trainer_state, rng_state, save_checkpoint, set_rng_state
 from .metrics_log import MetricsLogger, NullLogger
-from .param_groups import apply_weight_decay, param_groups
+from .param_groups import apply_hyperparameters, param_groups
 from .schedule import learning_rate
 from .start import (
     StartPlan,
@@ -109,7 +109,7 @@ class Trainer:
             model=model, config=deepspeed_config(cfg, self.start), mpu=DeepSpeedMPU(self.topo),
             model_parameters=[{k: g[k] for k in ("params", "weight_decay")} for g in groups])
         load_carried(self.start, self.engine, cfg, self.topo)
-        apply_weight_decay(self.engine.optimizer, groups)
+        apply_hyperparameters(self.engine.optimizer, groups, cfg.optim.betas, cfg.optim.eps)
         log.info("%s", describe(self.start, self.topo))
         self.step, self.skipped, self.nonfinite_streak = 0, 0, 0
         self.train_loader = self.task.loader("train")

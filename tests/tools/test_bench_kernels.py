@@ -54,9 +54,12 @@ def test_target_figures():
         return dict(impl=impl, causal=causal, mode=mode, ms=ms, n=t["n"], d=t["d"],
                     block_size=c, frac_copy_bw=frac)
 
-    rows = [row("triton", False, "fwd", 1.0, frac=0.7), row("triton", False, "fwd", 1.0, c=64),
-            row("triton", False, "fwd+bwd", 2.0), row("sdpa_flash", False, "fwd+bwd", 50.0, None),
-            row("triton", True, "fwd+bwd", 3.0), row("fla_chunk_linear", True, "fwd+bwd", 2.0, None)]
+    rows = [row("triton", False, "fwd", 1.0, frac=0.7),
+            row("triton", False, "fwd", 1.0, c=64),
+            row("triton", False, "fwd+bwd", 2.0),
+            row("sdpa_flash", False, "fwd+bwd", 50.0, None),
+            row("triton", True, "fwd+bwd", 3.0),
+            row("fla_chunk_linear", True, "fwd+bwd", 2.0, None)]
     got = bench_kernels.targets(rows)
     assert got["noncausal_fwd_frac_copy_bw"]["value"] == 0.7
     assert got["noncausal_fwd_bwd_speedup_over_sdpa_flash"]["value"] == 25.0

@@ -1,5 +1,6 @@
 """Weight decay only on the matrices: norms, biases and Mc are exempt, in the groups the
-trainer hands DeepSpeed and in the engine's optimizer, also after a resume."""
+trainer hands DeepSpeed and in the engine's optimizer; after a resume the config's weight
+decay, betas and eps apply, not the checkpoint's."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 
 from mhla_dist.config import load_config
 from mhla_dist.convert.model_spec import build_model, single_rank_groups
-from mhla_dist.train.param_groups import apply_weight_decay, param_groups
+from mhla_dist.train.param_groups import apply_hyperparameters, param_groups
 from tests.parallel.harness import run_ranks
 from tests.train.runs import TINY_RUN, corpus
 
@@ -28,12 +29,13 @@ def test_groups_of_the_lm():
     assert "layers.0.attn.mixing" in decay["names"]
 
 
-def test_apply_weight_decay_restores_the_config_values():
+def test_apply_hyperparameters_restores_the_config_values():
     a, b = torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.ones(2))
     opt = torch.optim.AdamW([{"params": [a], "weight_decay": 0.5},
-                             {"params": [b], "weight_decay": 0.5}])
-    apply_weight_decay(opt, [{"weight_decay": 0.1}, {"weight_decay": 0.0}])
-    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+                             {"params": [b], "weight_decay": 0.5}], betas=(0.8, 0.9), eps=1e-5)
+    apply_hyperparameters(opt, [{"weight_decay": 0.1}, {"weight_decay": 0.0}], [0.9, 0.95], 1e-8)
+    assert [(g["weight_decay"], g["betas"], g["eps"]) for g in opt.param_groups] == [
+        (0.1, (0.9, 0.95), 1e-8), (0.0, (0.9, 0.95), 1e-8)]
 
 
 def _engine_groups_rank_fn(rank, world, overrides):
@@ -41,15 +43,15 @@ def _engine_groups_rank_fn(rank, world, overrides):
 
     trainer = Trainer(load_config(None, TINY_RUN + list(overrides)))
     trainer.train()
-    return [g["weight_decay"] for g in trainer.engine.optimizer.param_groups]
+    return [(g["weight_decay"], g["eps"]) for g in trainer.engine.optimizer.param_groups]
 
 
 def test_engine_groups_under_zero2_and_after_a_resume(tmp_path):
     data = corpus(tmp_path)
     run = [f"run_dir={tmp_path / 'run'}", "parallel.cp=2", "zero.stage=2", "train.steps=2",
            *data]
-    assert run_ranks(_engine_groups_rank_fn, 2, run)[0] == [0.1, 0.0]
-    # resumed with another weight decay: the config's, not the checkpoint's
+    assert run_ranks(_engine_groups_rank_fn, 2, run)[0] == [(0.1, 1e-8), (0.0, 1e-8)]
+    # resumed with another weight decay and eps: the config's, not the checkpoint's
     resumed = run_ranks(_engine_groups_rank_fn, 2, run[:-len(data)] + [
-        "train.steps=3", "optim.weight_decay=0.05", *data])[0]
-    assert resumed == [0.05, 0.0]
+        "train.steps=3", "optim.weight_decay=0.05", "optim.eps=1e-6", *data])[0]
+    assert resumed == [(0.05, 1e-6), (0.0, 1e-6)]
