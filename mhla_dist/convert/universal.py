@@ -136,6 +136,10 @@ def to_universal(path: str | Path, output: str | Path, *, tag: str | None = None
         raise ConversionError(f"{output} already exists; give a new folder")
     if not output.parent.is_dir():
         raise ConversionError(f"output folder {output.parent} does not exist")
+    if (output.parent / "latest").is_file() and re.fullmatch(r"step\d{8}", output.name):
+        raise ConversionError(
+            f"{output} would sit among a run's own checkpoints, which the trainer deletes "
+            "(checkpoint.keep_last): give another name or folder, e.g. RUN_DIR/universal")
     tp, dp_cp, stage = _check_convertible(folder)
     cfg = read_run_config(folder / "config.yaml")
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as tmp:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -32,8 +33,12 @@ def tag_for(step: int) -> str:
     return f"step{step:08d}"
 
 
+TAG = re.compile(r"step\d{8}")
+
+
 def _tags(ckpt_dir: Path) -> list[str]:
-    return sorted(p.name for p in ckpt_dir.glob("step*") if p.is_dir())
+    """The trainer's own checkpoint folders (`stepXXXXXXXX`); keep-last deletes only these."""
+    return sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and TAG.fullmatch(p.name))
 
 
 def _saved_step(path: Path) -> int:

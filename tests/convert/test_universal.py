@@ -211,6 +211,8 @@ def test_bad_inputs_fail_and_write_nothing(trained, universal, tmp_path):
         to_universal(trained["tp2"], universal["tp2"])
     with pytest.raises(ConversionError, match="does not exist"):
         to_universal(tmp_path / "nothing", tmp_path / "out")
+    with pytest.raises(ConversionError, match="among a run's own checkpoints"):
+        to_universal(trained["tp2"], trained["tp2"] / "checkpoints" / "step00000003")
     # a TP rank's optimizer shard missing: DeepSpeed's converter fails, nothing is left
     broken = tmp_path / "ckpts" / "step00000002"
     shutil.copytree(_tag(trained["tp2"]), broken)

@@ -101,14 +101,21 @@ def test_keep_last_and_an_incomplete_checkpoint_is_ignored(tmp_path, caplog):
     assert (ckpt / "latest").read_text() == "step00000004"
     # A save that died before `latest` was updated: its folder must not be resumed from.
     (ckpt / "step00000009").mkdir()
+    (ckpt / "step00000004_mine").mkdir()  # a user's folder: neither a tag nor deleted
     from mhla_dist.train import find_resume
 
     with caplog.at_level("WARNING"):
         assert find_resume(ckpt, "auto") == ckpt / "step00000004"
         # an explicit older folder is used as given, with a pointer to the newer one
         assert find_resume(ckpt, str(ckpt / "step00000003")) == ckpt / "step00000003"
-    assert "newer than latest" in caplog.text
+    assert "newer than latest" in caplog.text and "step00000004_mine" not in caplog.text
     assert "step00000003 (step 3) is older than this run's latest checkpoint" in caplog.text
+    # two more steps: keep-last removes old checkpoints, never the user's folder
+    (ckpt / "step00000009").rmdir()
+    run_ranks(train_rank_fn, 1, run[:3] + ["train.steps=6"] + run[4:])
+    assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == [
+        "step00000004_mine", "step00000005", "step00000006"]
+    (ckpt / "step00000009").mkdir()
     (ckpt / "latest").unlink()
     assert find_resume(ckpt, "auto") is None
     assert "no completed 'latest' entry" in caplog.text
