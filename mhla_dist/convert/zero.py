@@ -111,14 +111,17 @@ def merge_tp_shards(shards: list[dict[str, torch.Tensor]], layout: dict) -> dict
     return merged
 
 
-def consolidate_zero_checkpoint(path: str | Path, tag: str | None = None
+def consolidate_zero_checkpoint(path: str | Path, tag: str | None = None, *,
+                                layout: dict | None = None
                                 ) -> tuple[dict[str, torch.Tensor], ModelConfig]:
     """The full fp32 weights (ZeRO shards and TP shards merged) and the model config of a
-    trainer checkpoint."""
+    trainer checkpoint. `layout` (`ParamInfo`s; default: built from the checkpoint's config
+    on one process) says each parameter's full shape and TP split dim; a distributed run
+    passes its live model's (`reshard.full_layout`)."""
     folder = resolve_checkpoint(path, tag)
     cfg = read_run_config(folder / "config.yaml")
     ranks = tp_model_files(folder)
-    layout = parameter_layout(cfg)
+    layout = parameter_layout(cfg) if layout is None else layout
     shards = [_rank_fp32_state(folder, r) for r in sorted(ranks)]
     state = merge_tp_shards(shards, layout)
     check_state(state, layout, f"the weights in {folder}")

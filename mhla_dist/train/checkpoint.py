@@ -6,9 +6,10 @@
             config.yaml                the resolved config
         latest                         the tag of the newest *complete* checkpoint
 
-`latest` is replaced atomically (write, then rename) by rank 0 only after every rank
-finished writing (a barrier), so a crash mid-save leaves the previous checkpoint in
-charge; a folder newer than `latest` is ignored with a warning. The same `latest` file
+Every rank writes into a staging folder that rank 0 renames into place after all finished
+(a barrier), and only then is `latest` replaced atomically (write, then rename), so a
+crash mid-save leaves the previous checkpoint in charge; a folder newer than `latest` is
+ignored with a warning. The same `latest` file
 is what DeepSpeed's own tools (`zero_to_fp32`) read. Only the newest `keep_last` are kept.
 """
 
@@ -99,18 +100,42 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _aside(path: Path) -> Path:
+    """A free name beside `path` for the folder it replaces."""
+    k = 1
+    while path.with_name(f"{path.name}.replaced-{k}").exists():
+        k += 1
+    return path.with_name(f"{path.name}.replaced-{k}")
+
+
 def save_checkpoint(engine, ckpt_dir: Path, step: int, trainer_state: dict, keep_last: int,
                     config_yaml: str) -> Path:
-    """Save on every rank; returns the checkpoint folder."""
+    """Save on every rank; returns the checkpoint folder.
+
+    Every rank writes into `.stepXXXXXXXX.saving`; after a barrier rank 0 renames it to
+    `stepXXXXXXXX` and only then points `latest` at it. A folder of that name already
+    there (a run resumed from an earlier step, maybe at another layout, reaching it again)
+    is renamed `stepXXXXXXXX.replaced-K`, never written into: old and new files would mix.
+    """
     tag = tag_for(step)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, "iteration": step},
-                           save_latest=False)
-    path = ckpt_dir / tag
-    (path / "trainer_state").mkdir(parents=True, exist_ok=True)
-    torch.save(trainer_state, path / "trainer_state" / f"rank{dist.get_rank():05d}.pt")
-    dist.barrier()
+    staging = ckpt_dir / f".{tag}.saving"
     if dist.get_rank() == 0:
-        (path / "config.yaml").write_text(config_yaml)
+        shutil.rmtree(staging, ignore_errors=True)  # what a crashed save left
+    dist.barrier()
+    engine.save_checkpoint(str(ckpt_dir), tag=staging.name,
+                           client_state={"step": step, "iteration": step}, save_latest=False)
+    (staging / "trainer_state").mkdir(parents=True, exist_ok=True)
+    torch.save(trainer_state, staging / "trainer_state" / f"rank{dist.get_rank():05d}.pt")
+    dist.barrier()
+    path = ckpt_dir / tag
+    if dist.get_rank() == 0:
+        (staging / "config.yaml").write_text(config_yaml)
+        if path.exists():
+            aside = _aside(path)
+            os.replace(path, aside)
+            log.warning("%s already existed (from before a resume from an earlier step?): "
+                        "moved to %s", path, aside.name)
+        os.replace(staging, path)
         tmp = ckpt_dir / f".{LATEST}.tmp"
         tmp.write_text(tag)
         os.replace(tmp, ckpt_dir / LATEST)

@@ -31,6 +31,7 @@ from mhla_dist.convert.model_spec import ConversionError, read_run_config
 from mhla_dist.convert.reshard import (
     check_resume_layout,
     config_differences,
+    full_layout,
     load_full_weights,
     saved_layout,
 )
@@ -107,8 +108,9 @@ def load_weights(plan: StartPlan, model: torch.nn.Module, cfg: Config, topo: Top
         state, file_cfg = read_consolidated(plan.source)
     elif plan.kind == "universal":
         state = read_universal_weights(plan.source)
-    else:
-        state, _ = consolidate_zero_checkpoint(plan.source)
+    else:  # every rank merges the checkpoint's shards itself (reading only)
+        state, _ = consolidate_zero_checkpoint(plan.source,
+                                               layout=full_layout(model, topo.tp))
     load_full_weights(model, state, topo.tp_group, what=str(plan.source), file_cfg=file_cfg,
                       model_cfg=cfg.model)
 

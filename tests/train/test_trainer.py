@@ -123,6 +123,27 @@ def test_keep_last_and_an_incomplete_checkpoint_is_ignored(tmp_path, caplog):
         find_resume(ckpt, str(ckpt / "step00000009"))
 
 
+def test_reaching_a_saved_step_again_replaces_its_folder_whole(tmp_path, caplog):
+    """Resumed from step 1 of a run that went to step 2, at another layout (CP = 2): the
+    new step-2 checkpoint does not mix with the old one's files (the old folder is moved
+    aside, not written into or deleted), and it resumes."""
+    data = corpus(tmp_path)
+    run = [f"run_dir={tmp_path / 'run'}", "checkpoint.interval=1", "checkpoint.keep_last=5",
+           "zero.stage=2", *data]
+    run_ranks(train_rank_fn, 1, run + ["train.steps=2"])
+    ckpt = tmp_path / "run" / "checkpoints"
+    old_files = sorted(p.name for p in (ckpt / "step00000002").iterdir())
+    run_ranks(train_rank_fn, 2, run + ["train.steps=2", "parallel.cp=2",
+                                       "init.optimizer=reset",
+                                       f"resume={ckpt / 'step00000001'}"])
+    new_files = sorted(p.name for p in (ckpt / "step00000002").iterdir())
+    assert sorted(p.name for p in (ckpt / "step00000002.replaced-1").iterdir()) == old_files
+    assert len([f for f in new_files if f.endswith("optim_states.pt")]) == 2  # DP x CP = 2
+    assert len([f for f in old_files if f.endswith("optim_states.pt")]) == 1
+    assert not list(ckpt.glob(".*.saving"))
+    run_ranks(train_rank_fn, 2, run + ["train.steps=3", "parallel.cp=2"])  # resumes
+
+
 def _nan_on_rank1_at_step3(trainer):
     import torch.distributed as dist
 
