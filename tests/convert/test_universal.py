@@ -153,15 +153,24 @@ def test_dit_moves_from_cp2_zero2_to_tp2_zero3(tmp_path):
     assert _max_rel(reset, native) >= 1e-3
 
 
-def _loaded_moments_rank_fn(rank, world, overrides):
-    """Build the trainer (loading init.weights with its optimizer); every parameter's
-    full moments and master weight as the engine holds them, TP-gathered."""
+def _loaded_moments_rank_fn(rank, world, overrides, train=False):
+    """Build the trainer (loading init.weights with its optimizer; with `train`, then
+    train); every parameter's full moments and master weight as the engine holds them,
+    TP-gathered."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     from mhla_dist.parallel.tp_state import gather_tp_tensors
     from mhla_dist.train import Trainer
 
     trainer = Trainer(load_config(None, TINY_RUN + list(overrides)))
+    if train:
+        trainer.train()
+        # DeepSpeed 0.19's ZeRO-1/2 links the moments to each parameter after the first
+        # group's first step, before the other groups have any: link them again.
+        opt = trainer.engine.optimizer
+        if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
+            opt._hp_optimizer_states_linked = False
+            opt._lazy_init_hp_params_optimizer_state()
     module = trainer.engine.module
     out = {}
     for key in ("exp_avg", "exp_avg_sq", "fp32"):
@@ -188,6 +197,28 @@ def test_init_carry_puts_every_moment_in_place(trained, universal):
     for key, tensors in want.items():
         assert got[key].keys() == tensors.keys()
         for name, t in tensors.items():
+            assert torch.equal(got[key][name], t), (key, name)
+
+
+@pytest.mark.slow
+def test_bf16_moments_survive_conversion_and_a_new_layout(trained, tmp_path):
+    """bf16 (DeepSpeed's bf16_* optimizer files): the moments and fp32 master weights the
+    CP = 2 ZeRO-1 engine held at its last step are the converted ones, and a TP = 2
+    ZeRO-2 engine loads exactly those."""
+    bf16 = ["train.precision=bf16", *trained["data"]]
+    src = tmp_path / "src"
+    held = run_ranks(_loaded_moments_rank_fn, 2, [f"run_dir={src}", "parallel.cp=2",
+                                                  "zero.stage=1", *STEPS, *bf16], True)[0]
+    assert any(p.name.startswith("bf16_") for p in _tag(src).iterdir())
+    uni = to_universal(src, tmp_path / "uni")
+    got = run_ranks(_loaded_moments_rank_fn, 2, [
+        f"run_dir={tmp_path / 'dst'}", "parallel.tp=2", "zero.stage=2",
+        f"init.weights={uni}", *bf16])[0]
+    files = {"fp32": read_universal_weights(uni),
+             **{k: universal_optimizer_state(uni, k) for k in ("exp_avg", "exp_avg_sq")}}
+    for key, tensors in files.items():
+        for name, t in tensors.items():
+            assert torch.equal(held[key][name], t), (key, name)
             assert torch.equal(got[key][name], t), (key, name)
 
 
