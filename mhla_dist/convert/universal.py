@@ -203,57 +203,65 @@ def _name_model_states_for_every_stage(folder: Path) -> None:
 
 def _complete_optimizer_state(staged: Path, source: Path, stage: int,
                               layout: dict[str, ParamInfo]) -> None:
-    """Make `zero/optimizer_state.pt` and the per-parameter `step.pt` loadable at every
-    ZeRO stage. ds_to_universal writes them in the source stage's shape, and DeepSpeed's
-    loaders differ: stages 1/2 need `ds_version` and a `step.pt` per parameter (stage 3
-    sources have neither); stage 3 reads the step from `optimizer_state_dict` (stage 1/2
-    sources have none); stages 1/2 read each state as `{"param": full-shape tensor,
-    "cat_dim": TP split dim}`, which a stage-3 source without TP writes as a bare flat
-    tensor. The values come from the source's own optimizer file and the model's layout; the
-    stage-3 source's flat fp32 partition of rank 0, which fits no other layout, is
-    dropped."""
+    """Make `zero/` loadable at every ZeRO stage. ds_to_universal writes it in the source
+    stage's shape, and DeepSpeed's loaders differ: stages 1/2 need `ds_version` and a
+    `step.pt` per parameter (stage 3 sources have neither); stage 3 reads the step from
+    `optimizer_state_dict` (stage 1/2 sources have none); stages 1/2 read each state as
+    `{"param": full-shape tensor, "cat_dim": TP split dim}`, which a stage-3 source without
+    TP writes as a bare flat tensor. The values come from the source's own optimizer file
+    and the model's layout."""
     optim = sorted(p for p in source.iterdir() if _OPTIM.search(p.name))
     src = torch.load(optim[0], map_location="cpu", weights_only=False)
     inner = src["optimizer_state_dict"]
     base = inner["optimizer_state_dict"] if stage == 3 else inner["base_optimizer_state"]
-    step = base["state"][0]["step"]
-    path = staged / "zero" / "optimizer_state.pt"
+    step = base["state"][0]["step"]  # every group steps together
+    _complete_global_state(staged / "zero" / "optimizer_state.pt", step,
+                           src.get("ds_version") or inner.get("ds_version"))
+    for name, info in layout.items():
+        _complete_param_states(staged / "zero" / name, name, info, step)
+
+
+def _complete_global_state(path: Path, step, ds_version: str) -> None:
+    """`optimizer_state.pt` with what every stage's loader reads; the stage-3 source's
+    flat fp32 partition of rank 0, which fits no other layout, is dropped."""
     sd = torch.load(path, map_location="cpu", weights_only=False)
     groups = sd["param_groups"]
     sd.pop("fp32_flat_groups", None)
-    sd["ds_version"] = src.get("ds_version") or inner.get("ds_version")
+    sd["ds_version"] = ds_version
     sd["optimizer_state_dict"] = {"state": {i: {"step": step} for i in range(len(groups))},
                                   "param_groups": groups}
     torch.save(sd, path)
+
+
+def _complete_param_states(folder: Path, name: str, info: ParamInfo, step) -> None:
+    """One parameter's `step.pt`, and each state as a full-shape tensor with its TP dim."""
     from deepspeed.checkpoint.constants import CAT_DIM, PARAM
 
-    zero = staged / "zero"
-    for name, info in layout.items():
-        folder = zero / name
-        if not (folder / "fp32.pt").is_file():
-            raise ConversionError(f"DeepSpeed's converter wrote no weights for {name}")
-        if not (folder / "step.pt").exists():
-            torch.save(step, folder / "step.pt")
-        for f in folder.glob("*.pt"):
-            if f.name == "step.pt":
-                continue
-            entry = torch.load(f, map_location="cpu", weights_only=False)
-            if torch.is_tensor(entry):
-                entry = {PARAM: entry}
-            t = entry[PARAM]
-            if t.numel() != prod(info.shape):
-                raise ConversionError(f"{name}/{f.name} holds {t.numel()} values; the model's "
-                                      f"{name} has shape {info.shape}")
-            entry[PARAM] = t.reshape(info.shape)
-            if info.partition_dim is None:
-                entry.pop(CAT_DIM, None)
-            else:
-                entry[CAT_DIM] = info.partition_dim
-            torch.save(entry, f)
+    if not (folder / "fp32.pt").is_file():
+        raise ConversionError(f"DeepSpeed's converter wrote no weights for {name}")
+    if not (folder / "step.pt").exists():
+        torch.save(step, folder / "step.pt")
+    for f in folder.glob("*.pt"):
+        if f.name == "step.pt":
+            continue
+        entry = torch.load(f, map_location="cpu", weights_only=False)
+        if torch.is_tensor(entry):
+            entry = {PARAM: entry}
+        t = entry[PARAM]
+        if t.numel() != prod(info.shape):
+            raise ConversionError(f"{name}/{f.name} holds {t.numel()} values; the model's "
+                                  f"{name} has shape {info.shape}")
+        entry[PARAM] = t.reshape(info.shape)
+        if info.partition_dim is None:
+            entry.pop(CAT_DIM, None)
+        else:
+            entry[CAT_DIM] = info.partition_dim
+        torch.save(entry, f)
 
 
-def read_universal_weights(folder: str | Path) -> dict[str, torch.Tensor]:
-    """The full fp32 weights of a universal checkpoint (`zero/<name>/fp32.pt`)."""
+def universal_state(folder: str | Path, key: str) -> dict[str, torch.Tensor]:
+    """`{param name: full tensor}` of one state of a universal checkpoint: `fp32` (the
+    weights), `exp_avg` or `exp_avg_sq`."""
     from deepspeed.checkpoint.constants import PARAM
 
     zero = Path(folder) / "zero"
@@ -261,17 +269,12 @@ def read_universal_weights(folder: str | Path) -> dict[str, torch.Tensor]:
         raise ConversionError(f"{folder} holds no zero/ folder: not a universal checkpoint")
     return {p.parent.relative_to(zero).as_posix():
             torch.load(p, map_location="cpu", weights_only=False)[PARAM]
-            for p in sorted(zero.glob("**/fp32.pt"))}
-
-
-def universal_optimizer_state(folder: str | Path, key: str) -> dict[str, torch.Tensor]:
-    """`{param name: full tensor}` of one optimizer state (`exp_avg`, `exp_avg_sq`)."""
-    from deepspeed.checkpoint.constants import PARAM
-
-    zero = Path(folder) / "zero"
-    return {p.parent.relative_to(zero).as_posix():
-            torch.load(p, map_location="cpu", weights_only=False)[PARAM]
             for p in sorted(zero.glob(f"**/{key}.pt"))}
+
+
+def read_universal_weights(folder: str | Path) -> dict[str, torch.Tensor]:
+    """The full fp32 weights of a universal checkpoint."""
+    return universal_state(folder, "fp32")
 
 
 def universal_model_config(folder: str | Path) -> ModelConfig:

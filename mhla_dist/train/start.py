@@ -50,16 +50,20 @@ class StartPlan:
     resume: bool  # also restore the step, data position and RNG
 
 
-def _kind(source: Path) -> str:
+def _resolve(source: Path) -> tuple[Path, str]:
+    """The source folder or file and its kind; a run directory or its checkpoints/ folder
+    stands for its `latest` checkpoint."""
     if source.is_file() and source.suffix == ".safetensors":
-        return "file"
+        return source, "file"
     if source.is_dir() and is_universal(source):
-        return "universal"
-    if source.is_dir() and any(source.glob("*mp_rank_*_model_states.pt")):
-        return "checkpoint"
+        return source, "universal"
+    if source.is_dir():
+        if any(source.glob("*mp_rank_*_model_states.pt")):
+            return source, "checkpoint"
+        return resolve_checkpoint(source), "checkpoint"
     raise ConversionError(
         f"{source} is neither a .safetensors file nor a checkpoint folder (one with "
-        "DeepSpeed's *mp_rank_XX_model_states.pt, or a universal checkpoint)")
+        "DeepSpeed's *mp_rank_XX_model_states.pt, a run directory, or a universal checkpoint)")
 
 
 def plan_start(cfg: Config, resume: Path | None, topo: Topology) -> StartPlan:
@@ -71,10 +75,7 @@ def plan_start(cfg: Config, resume: Path | None, topo: Topology) -> StartPlan:
     source = resume if resume is not None else Path(cfg.init.weights)
     if not source.exists():
         raise ConversionError(f"init.weights={str(source)!r} does not exist")
-    if source.is_dir() and not is_universal(source) and not any(
-            source.glob("*mp_rank_*_model_states.pt")):
-        source = resolve_checkpoint(source)  # a run directory or its checkpoints/ folder
-    kind = _kind(source)
+    source, kind = _resolve(source)
     choice = cfg.init.optimizer
     if choice == "carry" and kind == "file":
         raise ConversionError(f"init.optimizer=carry: {source} holds no optimizer state")

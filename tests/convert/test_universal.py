@@ -20,8 +20,8 @@ from mhla_dist.convert.model_spec import ConversionError
 from mhla_dist.convert.universal import (
     read_universal_weights,
     to_universal,
-    universal_optimizer_state,
     universal_source,
+    universal_state,
 )
 from mhla_dist.convert.zero import consolidate_zero_checkpoint
 from tests.parallel.harness import run_ranks
@@ -59,7 +59,7 @@ def test_universal_state_is_the_source_state(trained, universal):
         assert torch.equal(weights[name], t), name
     # Adam's moments of the TP = 2 run, merged over TP, against the single-process run's
     for key in ("exp_avg", "exp_avg_sq"):
-        tp2, tp1 = (universal_optimizer_state(universal[k], key) for k in ("tp2", "tp1"))
+        tp2, tp1 = (universal_state(universal[k], key) for k in ("tp2", "tp1"))
         assert tp2.keys() == consolidated.keys() == tp1.keys()
         for name, ref in tp1.items():
             assert ref.abs().max() > 0, (key, name)  # two steps moved every moment
@@ -192,7 +192,7 @@ def test_init_carry_puts_every_moment_in_place(trained, universal):
         *trained["data"]])[0]
     assert got["step"] == 0
     want = {"fp32": read_universal_weights(universal["cp2z2"]),
-            **{k: universal_optimizer_state(universal["cp2z2"], k)
+            **{k: universal_state(universal["cp2z2"], k)
                for k in ("exp_avg", "exp_avg_sq")}}
     for key, tensors in want.items():
         assert got[key].keys() == tensors.keys()
@@ -215,7 +215,7 @@ def test_bf16_moments_survive_conversion_and_a_new_layout(trained, tmp_path):
         f"run_dir={tmp_path / 'dst'}", "parallel.tp=2", "zero.stage=2",
         f"init.weights={uni}", *bf16])[0]
     files = {"fp32": read_universal_weights(uni),
-             **{k: universal_optimizer_state(uni, k) for k in ("exp_avg", "exp_avg_sq")}}
+             **{k: universal_state(uni, k) for k in ("exp_avg", "exp_avg_sq")}}
     for key, tensors in files.items():
         for name, t in tensors.items():
             assert torch.equal(held[key][name], t), (key, name)
