@@ -9,8 +9,8 @@
 Every rank writes into a staging folder that rank 0 renames into place after all finished
 (a barrier), and only then is `latest` replaced atomically (write, then rename), so a
 crash mid-save leaves the previous checkpoint in charge; a folder newer than `latest` is
-ignored with a warning. The same `latest` file
-is what DeepSpeed's own tools (`zero_to_fp32`) read. Only the newest `keep_last` are kept.
+ignored with a warning. The same `latest` file is what DeepSpeed's own tools
+(`zero_to_fp32`) read. Only the newest `keep_last` are kept.
 """
 
 from __future__ import annotations
@@ -58,12 +58,13 @@ def find_resume(ckpt_dir: Path, resume: str) -> Path | None:
                 f"resume={resume!r} is not a complete checkpoint folder (no trainer_state/ "
                 f"inside); give a folder like {ckpt_dir / tag_for(100)} or resume=auto")
         own = ckpt_dir / LATEST
-        if own.is_file() and (ckpt_dir / own.read_text().strip()).is_dir():
-            newer = ckpt_dir / own.read_text().strip()
-            if _saved_step(newer) > _saved_step(path):
+        newest = ckpt_dir / own.read_text().strip() if own.is_file() else None
+        if newest is not None and newest.is_dir():
+            given, latest_step = _saved_step(path), _saved_step(newest)
+            if latest_step > given:
                 log.warning("resume=%s (step %d) is older than this run's latest checkpoint "
-                            "%s (step %d); resume=auto continues from there", path,
-                            _saved_step(path), newer, _saved_step(newer))
+                            "%s (step %d); resume=auto continues from there", path, given,
+                            newest, latest_step)
         return path
     latest = ckpt_dir / LATEST
     tags = _tags(ckpt_dir) if ckpt_dir.is_dir() else []
