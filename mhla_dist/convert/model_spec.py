@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from mhla_dist.config import ConfigError, DiTConfig, LMConfig, build_config, load_config
+from mhla_dist.parallel.tp_state import split_dim
 
 ModelConfig = LMConfig | DiTConfig
 
@@ -91,10 +92,7 @@ def parameter_layout(cfg: ModelConfig) -> dict[str, ParamInfo]:
     """`{name: (full shape, TP split dim)}` of every parameter, in the model's order."""
     with single_rank_groups() as group, torch.device("meta"):
         model = build_model(cfg, tp_group=group, cp_group=group)
-    return {name: ParamInfo(tuple(p.shape),
-                            p.partition_dim if getattr(p, "tensor_model_parallel", False)
-                            else None)
-            for name, p in model.named_parameters()}
+    return {name: ParamInfo(tuple(p.shape), split_dim(p)) for name, p in model.named_parameters()}
 
 
 def check_state(state: dict[str, torch.Tensor], layout: dict[str, ParamInfo],

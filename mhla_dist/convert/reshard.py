@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mhla_dist.parallel.tp_state import load_full_state_dict
+from mhla_dist.parallel.tp_state import load_full_state_dict, split_dim
 
 from .files import read_consolidated
 from .model_spec import ConversionError, ModelConfig, ParamInfo, check_state
@@ -31,11 +31,12 @@ _FREE_KEYS = {"activation_checkpointing"}
 
 
 def full_layout(module: nn.Module, tp: int) -> dict[str, ParamInfo]:
-    """Full shapes of a TP-sharded module's parameters (split dims times `tp`)."""
+    """Full shapes of a TP-sharded module's parameters (split dims times `tp`); a ZeRO-3
+    partitioned parameter's shape is its `ds_shape`."""
     layout = {}
     for name, p in module.named_parameters():
-        dim = p.partition_dim if getattr(p, "tensor_model_parallel", False) else None
-        shape = list(p.shape)
+        dim = split_dim(p)
+        shape = list(getattr(p, "ds_shape", p.shape))
         if dim is not None:
             shape[dim] *= tp
         layout[name] = ParamInfo(tuple(shape), dim)

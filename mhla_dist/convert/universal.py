@@ -35,6 +35,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mhla_dist.parallel.tp_state import split_dim
+
 from .model_spec import (
     ConversionError,
     ModelConfig,
@@ -63,7 +65,7 @@ def universal_checkpoint_info(module: nn.Module) -> dict:
 
     replicated, rows = [], []
     for name, p in module.named_parameters():
-        dim = p.partition_dim if getattr(p, "tensor_model_parallel", False) else None
+        dim = split_dim(p)
         pattern = re.escape(name) + "$"
         if dim is None:
             replicated.append(pattern)

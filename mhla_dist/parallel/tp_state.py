@@ -14,7 +14,7 @@ from torch import nn
 from .collectives import all_gather_dim0
 
 
-def _split(param: nn.Parameter) -> int | None:
+def split_dim(param: nn.Parameter) -> int | None:
     """The dim a parameter is split along over TP, or None when replicated."""
     return param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
 
@@ -24,7 +24,7 @@ def gather_tp_tensors(module: nn.Module, tensors: dict[str, torch.Tensor], tp_gr
     params = dict(module.named_parameters())
     out = {}
     for name, t in tensors.items():
-        dim = _split(params[name])
+        dim = split_dim(params[name])
         if dim is None or dist.get_world_size(tp_group) == 1:
             out[name] = t.detach().clone()
         else:
@@ -50,7 +50,7 @@ def load_full_state_dict(module: nn.Module, state: dict[str, torch.Tensor], tp_g
     for name, param in module.named_parameters():
         if name not in state:
             raise KeyError(f"{name} missing from the full state (has {sorted(state)})")
-        full, dim = state[name], _split(param)
+        full, dim = state[name], split_dim(param)
         local = full if dim is None else full.chunk(tp, dim=dim)[rank]
         if local.shape != param.shape:
             raise ValueError(f"{name}: full {tuple(full.shape)} gives {tuple(local.shape)} on "

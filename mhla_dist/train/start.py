@@ -128,13 +128,12 @@ def _zero3_tp_slicing(module: torch.nn.Module, cfg: Config, topo: Topology):
     from deepspeed.checkpoint.constants import DS_AUTOTP_UC_META
     from deepspeed.utils import groups
 
-    for p in module.parameters():
-        dim = p.partition_dim if getattr(p, "tensor_model_parallel", False) else None
-        shape = list(getattr(p, "ds_shape", p.shape))
-        if dim is not None:
-            shape[dim] *= topo.tp
-        setattr(p, DS_AUTOTP_UC_META, {"partition_dim": dim, "logical_shape": tuple(shape),
-                                       "replicated": dim is None})
+    layout = full_layout(module, topo.tp)
+    for name, p in module.named_parameters():
+        info = layout[name]
+        setattr(p, DS_AUTOTP_UC_META, {"partition_dim": info.partition_dim,
+                                       "logical_shape": info.shape,
+                                       "replicated": info.partition_dim is None})
     saved = groups._TENSOR_MODEL_PARALLEL_GROUP
     groups._TENSOR_MODEL_PARALLEL_GROUP = topo.tp_group
     try:
