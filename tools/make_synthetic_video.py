@@ -4,6 +4,8 @@
 
 Each clip shows one shape (square, disc, triangle, ring: the label) moving and bouncing
 over a noisy background; uint8 `[frames, size, size, 3]`. Deterministic in `--seed`.
+`--caption-dim D` adds a caption embedding float32 `[D]` per clip (`emb.npy`: its class's
+prototype vector plus a little noise), for caption-conditioned DiTs.
 """
 
 from __future__ import annotations
@@ -25,14 +27,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=64, help="frame height and width")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shard-size", type=int, default=64, help="clips per shard")
+    ap.add_argument("--caption-dim", type=int, default=0,
+                    help="width of a caption embedding per clip (0: no captions)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if min(args.num_clips, args.frames, args.size) < 1:
         ap.error("--num-clips, --frames and --size must be >= 1")
+    if args.caption_dim < 0:
+        ap.error(f"--caption-dim {args.caption_dim} must be >= 0 (0: no captions)")
     s = write_synthetic_video(args.output, num_clips=args.num_clips, frames=args.frames,
-                              size=args.size, seed=args.seed, clips_per_shard=args.shard_size)
+                              size=args.size, seed=args.seed, clips_per_shard=args.shard_size,
+                              caption_dim=args.caption_dim)
+    captions = f"  captions: [{args.caption_dim}]" if args.caption_dim else ""
     print(f"clips: {s.samples}  shards: {len(s.shards)}  shape: "
-          f"[{args.frames}, {args.size}, {args.size}, 3]\nloader pattern: {s.pattern}")
+          f"[{args.frames}, {args.size}, {args.size}, 3]{captions}\nloader pattern: {s.pattern}")
     return 0
 
 

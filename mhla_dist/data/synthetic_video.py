@@ -3,6 +3,10 @@
 Clip `i` of seed `s` is a pure function of `(s, i)`: one coloured shape (class 0 square,
 1 disc, 2 triangle, 3 ring) moves at constant velocity, bouncing off the borders, over a
 dark, slightly noisy background. uint8 `[F, S, S, 3]`.
+
+With `caption_dim > 0` every clip also gets a caption embedding (`synthetic_caption`): its
+class's prototype plus a little per-clip noise, so a caption-conditioned model has
+something to learn (the class) and captions of one class are near each other but not equal.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import numpy as np
 from mhla_dist.data.writing import ShardSink, ShardSummary, clip_sample
 
 SHAPES = ("square", "disc", "triangle", "ring")
+CAPTION_NOISE = 0.1  # per-clip noise on a caption, relative to its unit-norm class prototype
 
 
 def _mask(shape: int, dy: np.ndarray, dx: np.ndarray, r: float) -> np.ndarray:
@@ -48,6 +53,26 @@ def synthetic_clip(index: int, *, frames: int, size: int, seed: int = 0) -> tupl
     return clip, label
 
 
+def class_prototype(label: int, caption_dim: int, seed: int = 0) -> np.ndarray:
+    """The unit-norm Gaussian direction float32 `[caption_dim]` that every caption of class
+    `label` (and `seed`) sits near."""
+    if caption_dim < 1:
+        raise ValueError(f"caption_dim={caption_dim} must be >= 1")
+    v = np.random.default_rng([seed, 1_000_003, label]).standard_normal(caption_dim)
+    return (v / np.linalg.norm(v)).astype(np.float32)
+
+
+def synthetic_caption(index: int, label: int, caption_dim: int, seed: int = 0) -> np.ndarray:
+    """Clip `index`'s caption embedding float32 `[caption_dim]`: its class prototype plus
+    `CAPTION_NOISE` x Gaussian noise.
+
+    The noise has its own generator `(seed, index, 7)`, not the clip's `(seed, index)`, so
+    adding captions leaves every clip's pixels as they were without them.
+    """
+    noise = np.random.default_rng([seed, index, 7]).standard_normal(caption_dim)
+    return (class_prototype(label, caption_dim, seed) + CAPTION_NOISE * noise).astype(np.float32)
+
+
 def synthetic_clips(num_clips: int, *, frames: int, size: int, seed: int = 0
                     ) -> Iterator[tuple[np.ndarray, int]]:
     for i in range(num_clips):
@@ -55,12 +80,26 @@ def synthetic_clips(num_clips: int, *, frames: int, size: int, seed: int = 0
 
 
 def write_synthetic_video(output: str | Path, *, num_clips: int, frames: int, size: int,
-                          seed: int = 0, clips_per_shard: int = 64) -> ShardSummary:
-    """Write `num_clips` synthetic clips as clip shards under `output`."""
+                          seed: int = 0, clips_per_shard: int = 64, caption_dim: int = 0,
+                          caption_seed: int | None = None) -> ShardSummary:
+    """Write `num_clips` synthetic clips as clip shards under `output`.
+
+    `caption_dim > 0` adds a caption embedding `emb.npy` to every clip (`synthetic_caption`,
+    drawn from `caption_seed`, default `seed`: a different one changes the captions, not
+    the clips).
+    """
+    if isinstance(caption_dim, bool) or not isinstance(caption_dim, int) or caption_dim < 0:
+        raise ValueError(f"caption_dim={caption_dim!r} must be an integer >= 0 (0 = no "
+                         f"captions)")
+    caption_seed = seed if caption_seed is None else caption_seed
     meta = {"kind": "video", "generator": "synthetic moving shapes", "classes": list(SHAPES),
-            "clip_shape": [frames, size, size, 3], "seed": seed}
+            "clip_shape": [frames, size, size, 3], "seed": seed, "caption_dim": caption_dim}
+    if caption_dim:
+        meta["caption_seed"] = caption_seed
     with ShardSink(output, prefix="clips", maxcount=clips_per_shard, meta=meta) as sink:
         for i, (clip, label) in enumerate(synthetic_clips(num_clips, frames=frames, size=size,
                                                           seed=seed)):
-            sink.write(clip_sample(i, clip, label, shape=SHAPES[label]))
+            caption = (synthetic_caption(i, label, caption_dim, caption_seed) if caption_dim
+                       else None)
+            sink.write(clip_sample(i, clip, label, caption=caption, shape=SHAPES[label]))
     return sink.summary

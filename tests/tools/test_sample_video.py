@@ -1,0 +1,213 @@
+"""tools/sample_video.py on tiny untrained DiT run directories: the files it writes, seeds,
+fp32 against bf16 and against `euler_sample` in-process, guidance, captions, and every
+refused input exits 2 with an `error:` naming the value."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.numerics import rel_err
+from tests.train.runs import TINY_DIT_RUN, TINY_RUN
+from tools import sample_video
+
+REPO = Path(__file__).resolve().parents[2]
+STEPS = "3"
+# build_topology() in this process writes a world of one into os.environ; a CLI started
+# from here must make its own.
+DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def make_run(run_dir: Path, overrides: list[str]) -> None:
+    """A DiT run directory as training leaves it (config.yaml, model.safetensors), with
+    random weights moved well off adaLN-Zero's zeros so the model changes its input."""
+    from safetensors.torch import save_file
+
+    from mhla_dist.config import config_to_yaml, load_config
+    from mhla_dist.model.dit import DiT
+    from mhla_dist.parallel import build_topology, destroy_topology
+    from tests.model.dit_helpers import perturb
+
+    cfg = load_config(None, TINY_DIT_RUN + overrides)
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+    build_topology()
+    try:
+        torch.manual_seed(0)
+        model = DiT(cfg.model)
+        perturb(model, seed=1, scale=0.1)
+        # the parameters, as the trainer's consolidated file holds them
+        save_file({k: p.detach().contiguous() for k, p in model.named_parameters()},
+                  str(run_dir / "model.safetensors"))
+    finally:
+        destroy_topology()
+
+
+@pytest.fixture(scope="module")
+def class_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("dit") / "classes"
+    make_run(run, [])  # RGB 8 x 16 x 16 clips, 4 classes
+    return run
+
+
+@pytest.fixture(scope="module")
+def caption_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("dit") / "captions"
+    make_run(run, ["model.num_classes=0", "model.caption_dim=8", "model.in_channels=4",
+                   "model.class_dropout=0.0"])
+    return run
+
+
+def cli(*args: object) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    return subprocess.run([sys.executable, "tools/sample_video.py", *map(str, args)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def sample(run: Path, out: Path, *args: object) -> np.ndarray:
+    proc = cli(run, "--steps", STEPS, "--out", out, *args)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [str(out / "samples.npy"), str(out / "samples.png")]
+    return np.load(out / "samples.npy")
+
+
+def test_samples_files_seed_and_in_process_equality(class_run, tmp_path):
+    a = sample(class_run, tmp_path / "a", "--num", "3", "--shift", "1.5", "--seed", "7")
+    assert a.dtype == np.float32 and a.shape == (3, 3, 8, 16, 16)
+    assert np.isfinite(a).all()
+    with Image.open(tmp_path / "a" / "samples.png") as png:
+        assert png.size == (8 * 16, 3 * 16) and png.mode == "RGB"
+        grid = np.asarray(png)
+    # row 1, column 2 of the grid is sample 1's frame 2, mapped from [-1, 1] to 0..255
+    want = np.clip(np.rint((a[1, :, 2] + 1) * 127.5), 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(grid[16:32, 32:48], want.transpose(1, 2, 0))
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["samples.npy", "samples.png"]
+
+    again = sample(class_run, tmp_path / "b", "--num", "3", "--shift", "1.5", "--seed", "7")
+    np.testing.assert_array_equal(a, again)
+
+    # The same sampling in this process, from the documented noise and default labels.
+    from safetensors.torch import load_file
+
+    from mhla_dist.config import load_config
+    from mhla_dist.model.dit import DiT
+    from mhla_dist.model.rectified_flow import euler_sample
+    from mhla_dist.parallel import build_topology, destroy_topology
+
+    cfg = load_config(class_run / "config.yaml", ["parallel.tp=1", "parallel.cp=1"])
+    noise = torch.randn(3, 3, 8, 16, 16, generator=torch.Generator().manual_seed(7))
+    build_topology()
+    try:
+        model = DiT(cfg.model)
+        model.load_state_dict(load_file(str(class_run / "model.safetensors")))
+        want = euler_sample(model.eval(), noise, torch.tensor([0, 1, 2]), int(STEPS),
+                            shift=1.5)
+    finally:
+        destroy_topology()
+    np.testing.assert_array_equal(a, want.numpy())
+    assert rel_err(want, noise) > 0.2  # the model moved the noise: the checks above bite
+
+
+def test_bf16_cfg_and_labels(class_run, tmp_path):
+    fp32 = sample(class_run, tmp_path / "fp32", "--labels", "0", "1", "3", "4")
+    bf16 = sample(class_run, tmp_path / "bf16", "--labels", "0", "1", "3", "4",
+                  "--dtype", "bf16")
+    noise = torch.randn(fp32.shape, generator=torch.Generator().manual_seed(0)).numpy()
+    a, b = torch.from_numpy(fp32), torch.from_numpy(bf16)
+    assert bf16.dtype == np.float32 and np.isfinite(bf16).all()
+    err, move_err = rel_err(b, a), rel_err(b - noise, a - noise)
+    assert err < 0.1 and move_err < 0.1, (err, move_err)
+    assert not torch.equal(a, b)
+
+    guided = sample(class_run, tmp_path / "cfg", "--labels", "0", "1", "3", "4",
+                    "--cfg-scale", "4.0")
+    assert rel_err(torch.from_numpy(guided), a) > 0.01
+    # label 4 is the null class: guidance towards it is no guidance at all
+    np.testing.assert_allclose(guided[3], fp32[3], rtol=0, atol=1e-5)
+
+
+def test_caption_model(caption_run, tmp_path):
+    rng = np.random.default_rng(0)
+    c1, c2 = rng.standard_normal((2, 8)).astype(np.float32) * 3
+    np.save(tmp_path / "c1.npy", c1)  # [D]: for every sample
+    np.save(tmp_path / "rows.npy", np.stack([c1, c2]))  # [num, D]: sets num
+    one = sample(caption_run, tmp_path / "one", "--num", "2", "--caption", tmp_path / "c1.npy")
+    rows = sample(caption_run, tmp_path / "rows", "--caption", tmp_path / "rows.npy")
+    assert one.shape == rows.shape == (2, 4, 8, 16, 16) and np.isfinite(one).all()
+    np.testing.assert_allclose(rows[0], one[0], rtol=0, atol=1e-5)  # same noise, caption
+    assert rel_err(torch.from_numpy(rows[1]), torch.from_numpy(one[1])) > 0.01
+    with Image.open(tmp_path / "one" / "samples.png") as png:  # 4 channels: the first, grey
+        assert png.size == (8 * 16, 2 * 16) and png.mode == "L"
+
+    proc = cli(caption_run, "--steps", STEPS, "--num", "2", "--out", tmp_path / "zero")
+    assert proc.returncode == 0, proc.stderr
+    assert "zero captions" in proc.stderr
+    zero = np.load(tmp_path / "zero" / "samples.npy")
+    assert rel_err(torch.from_numpy(zero), torch.from_numpy(one)) > 0.01
+
+
+def test_error_exits_2_from_the_command_line(tmp_path, class_run):
+    proc = cli(class_run, "--labels", "9", "--out", tmp_path / "never")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith("error: ") and "[9]" in proc.stderr
+    assert not (tmp_path / "never").exists()
+
+
+@pytest.fixture(scope="module")
+def lm_run(tmp_path_factory) -> Path:
+    from mhla_dist.config import config_to_yaml, load_config
+
+    run = tmp_path_factory.mktemp("lm")
+    (run / "config.yaml").write_text(config_to_yaml(load_config(None, TINY_RUN)))
+    return run
+
+
+def caption_file(tmp_path: Path, shape: tuple[int, ...], value: float = 0.5) -> Path:
+    path = tmp_path / f"cap{'x'.join(map(str, shape))}_{value}.npy"
+    np.save(path, np.full(shape, value, np.float32))
+    return path
+
+
+@pytest.mark.parametrize("case", [
+    "lm", "label_high", "label_negative", "labels_vs_num", "labels_no_classes",
+    "caption_dim", "caption_rows", "caption_nan", "caption_no_captions", "cfg_nothing",
+    "steps", "missing_run", "missing_weights",
+])
+def test_refused_inputs(case, tmp_path, capsys, class_run, caption_run, lm_run):
+    if case == "missing_weights":
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / "config.yaml").write_text((class_run / "config.yaml").read_text())
+    argv, needle = {
+        "lm": ([lm_run], "lm model, not a DiT"),
+        "label_high": ([class_run, "--labels", "0", "5"], "[5] out of range"),
+        "label_negative": ([class_run, "--labels", "-1"], "[0, 4]"),
+        "labels_vs_num": ([class_run, "--num", "3", "--labels", "0", "1"], "--num 3 but 2"),
+        "labels_no_classes": ([caption_run, "--labels", "1"], "num_classes=0"),
+        "caption_dim": ([caption_run, "--caption", caption_file(tmp_path, (5,))],
+                        "shape [5]; the model takes [caption_dim] or [num, caption_dim] "
+                        "with caption_dim=8"),
+        "caption_rows": ([caption_run, "--num", "3", "--caption",
+                          caption_file(tmp_path, (2, 8))], "2 rows for 3 samples"),
+        "caption_nan": ([caption_run, "--caption", caption_file(tmp_path, (8,), np.nan)],
+                        "non-finite"),
+        "caption_no_captions": ([class_run, "--caption", caption_file(tmp_path, (8,))],
+                                "caption_dim=0"),
+        "cfg_nothing": ([caption_run, "--cfg-scale", "3"], "--cfg-scale 3.0 needs labels or "
+                        "a caption"),
+        "steps": ([class_run, "--steps", "0"], "steps=0"),
+        "missing_run": ([tmp_path / "nope"], "does not exist"),
+        "missing_weights": ([tmp_path / "run"], "model.safetensors"),
+    }[case]
+    out = tmp_path / "out"
+    assert sample_video.main([str(a) for a in argv] + ["--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("error: ")
+    assert needle in captured.err, captured.err
+    assert not out.exists()
