@@ -50,6 +50,9 @@ class DiTConfig:
         bias: biases in the attention and MLP linears (DiT uses them).
         class_dropout: probability of replacing a label by the null class in training
             (applied by `rectified_flow.drop_labels`, not by the model).
+        caption_dropout: probability of replacing a caption by the zero vector (the
+            unconditional caption of guidance) in training (`rectified_flow.drop_captions`);
+            drawn independently of the label's.
         activation_checkpointing: recompute every block in the backward pass.
     """
 
@@ -73,6 +76,7 @@ class DiTConfig:
     pos_embed: str = "sincos"
     bias: bool = True
     class_dropout: float = 0.1
+    caption_dropout: float = 0.1
     activation_checkpointing: bool = False
 
     # ---- derived sizes -------------------------------------------------------------
@@ -164,8 +168,9 @@ class DiTConfig:
         if bad or len(set(layers)) != len(layers):
             raise ValueError(f"softmax_layers={layers} must be distinct block indices in "
                              f"[0, depth={self.depth})")
-        if not 0 <= self.class_dropout < 1:
-            raise ValueError(f"class_dropout={self.class_dropout} must be in [0, 1)")
+        for key in ("class_dropout", "caption_dropout"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ValueError(f"{key}={getattr(self, key)} must be in [0, 1)")
         return self
 
     def check_parallel(self, tp: int, cp: int) -> None:

@@ -199,6 +199,12 @@ class StreamingLoader:
             self.stats.rows += item["rows"]
             yield item["batch"]
 
+    def rewind(self) -> None:
+        """Back to the first batch, as if new (an evaluation that scores the same batches
+        every time); the bad-data counters keep counting."""
+        self.positions = [WorkerPosition() for _ in range(self.num_logical)]
+        self.cursor = 0
+
     @property
     def epoch(self) -> int:
         """The earliest epoch a worker of this rank is still in."""

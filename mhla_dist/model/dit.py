@@ -127,6 +127,11 @@ class DiT(nn.Module):
                      cp_group=self.cp_group) for i in range(cfg.depth))
         self.final_layer = FinalLayer(h, cfg.patch_dim)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the weights (bf16 under a bf16 engine), which inputs are cast to."""
+        return self.x_embedder.weight.dtype
+
     # ---- conditioning ----------------------------------------------------------------
     @property
     def null_class(self) -> int:
@@ -148,6 +153,11 @@ class DiT(nn.Module):
         if self.caption_embedder is not None:
             if caption is None:
                 caption = c.new_zeros(c.shape[0], self.cfg.caption_dim)
+            if tuple(caption.shape) != (c.shape[0], self.cfg.caption_dim):
+                raise ValueError(
+                    f"caption of shape {tuple(caption.shape)}; the model takes one pooled "
+                    f"caption embedding per clip, [B, caption_dim] = [{c.shape[0]}, "
+                    f"{self.cfg.caption_dim}] (store a pooled [D] vector as emb.npy)")
             c = c + self.caption_embedder(caption.to(c.dtype))
         elif caption is not None:
             raise ValueError("caption given to a model with caption_dim=0")
@@ -181,9 +191,11 @@ class DiT(nn.Module):
     def forward_tokens(self, tokens_local: torch.Tensor, t: torch.Tensor,
                        labels: torch.Tensor | None = None,
                        caption: torch.Tensor | None = None) -> torch.Tensor:
-        """This rank's tokens `[B, N/cp, patch_dim]` -> its velocity tokens, same shape."""
-        x = self.x_embedder(tokens_local) + self.pos_embed[self.token_slice].to(
-            tokens_local.dtype)
+        """This rank's tokens `[B, N/cp, patch_dim]` -> its velocity tokens, same shape, in
+        the model's dtype: inputs (clips, captions) are cast to it here, so fp32 clips and
+        noise feed a bf16 engine."""
+        tokens_local = tokens_local.to(self.dtype)
+        x = self.x_embedder(tokens_local) + self.pos_embed[self.token_slice].to(self.dtype)
         c = self.condition(t, labels, caption)
         for block in self.blocks:
             if self.cfg.activation_checkpointing and torch.is_grad_enabled():

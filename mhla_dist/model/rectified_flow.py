@@ -69,6 +69,18 @@ def drop_labels(labels: torch.Tensor, prob: float, null_class: int,
     return torch.where(drop, torch.full_like(labels, null_class), labels)
 
 
+def drop_captions(caption: torch.Tensor, prob: float,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Replace each caption `[B, D]` by the zero vector (the unconditional caption) with
+    probability `prob` (classifier-free guidance training)."""
+    if not 0 <= prob < 1:
+        raise ValueError(f"prob={prob} must be in [0, 1)")
+    if prob == 0:
+        return caption
+    keep = torch.rand(caption.shape[0], generator=generator) >= prob
+    return caption * keep.to(device=caption.device, dtype=caption.dtype)[:, None]
+
+
 def rectified_flow_loss(model, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
                         labels: torch.Tensor | None = None,
                         caption: torch.Tensor | None = None) -> LossSum:
@@ -82,8 +94,11 @@ def rectified_flow_loss(model, x0: torch.Tensor, noise: torch.Tensor, t: torch.T
         raise ValueError(f"x0 {tuple(x0.shape)}, noise {tuple(noise.shape)} and t "
                          f"{tuple(t.shape)} must be [B, ...], [B, ...] (the same) and [B]")
     pred = model(interpolate(x0, noise, t), t, labels, caption)
-    target = model.local_tokens(velocity_target(x0, noise)).to(pred.dtype)
-    return LossSum(((pred - target) ** 2).sum(), target.numel())
+    # The error is taken in fp32 at least: a bf16 sum over every element of a clip
+    # would round away most of it.
+    dtype = torch.promote_types(pred.dtype, torch.float32)
+    target = model.local_tokens(velocity_target(x0, noise)).to(dtype)
+    return LossSum(((pred.to(dtype) - target) ** 2).sum(), target.numel())
 
 
 def sampling_times(steps: int, *, shift: float = 1.0, device=None) -> torch.Tensor:

@@ -3,8 +3,9 @@
 Megatron-style regions: `gather_from_group` all-gathers forward and reduce-scatters the
 gradient backward; `reduce_scatter_to_group` is its transpose; `copy_to_group` is the
 identity with an all-reduced gradient. Both work on contiguous
-buffers with `all_gather_into_tensor` / `reduce_scatter_tensor`, so they run on gloo
-(CPU) and NCCL (GPU) alike; `torch.distributed.nn.functional.all_gather` is avoided
+buffers with `all_gather_single` / `reduce_scatter_single` (torch >= 2.13; the
+deprecated `all_gather_into_tensor` / `reduce_scatter_tensor` before), so they run on
+gloo (CPU) and NCCL (GPU) alike; `torch.distributed.nn.functional.all_gather` is avoided
 because it returns wrong gradients on gloo for non-contiguous incoming gradients.
 
 `comm_stats` counts the bytes every collective here moves (the size of the gathered
@@ -50,6 +51,13 @@ def counting_bytes():
     yield comm_stats
 
 
+# torch 2.13 renamed the single-buffer collectives and warns on every call of the old
+# names; the old names are all that older releases have.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = (getattr(dist, "reduce_scatter_single", None)
+                          or dist.reduce_scatter_tensor)
+
+
 def _size(group) -> int:
     return dist.get_world_size(group)
 
@@ -58,7 +66,7 @@ def all_gather_dim0(x: torch.Tensor, group, async_op: bool = False):
     """Concatenate every rank's `x` along dim 0; returns (out, work or None)."""
     x = x.contiguous()
     out = x.new_empty((_size(group) * x.shape[0], *x.shape[1:]))
-    work = dist.all_gather_into_tensor(out, x, group=group, async_op=async_op)
+    work = _all_gather_single(out, x, group=group, async_op=async_op)
     comm_stats.record("all_gather", out)
     return out, work
 
@@ -70,7 +78,7 @@ def reduce_scatter_dim0(x: torch.Tensor, group) -> torch.Tensor:
     if x.shape[0] % p:
         raise ValueError(f"reduce-scatter of dim 0 = {x.shape[0]} over {p} ranks: not divisible")
     out = x.new_empty((x.shape[0] // p, *x.shape[1:]))
-    dist.reduce_scatter_tensor(out, x, op=dist.ReduceOp.SUM, group=group)
+    _reduce_scatter_single(out, x, op=dist.ReduceOp.SUM, group=group)
     comm_stats.record("reduce_scatter", x)
     return out
 

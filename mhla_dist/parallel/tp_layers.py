@@ -212,8 +212,21 @@ class ParallelMHLAttention(AttentionProjections):
         q, k = (self.maybe_rotate(self.phi(t), positions) for t in (q, k))
         return q, k, v
 
+    def effective_mixing(self) -> torch.Tensor:
+        """The `Mc` the operator sees. With `normalize=True` it is `max(Mc, 0)`: a negative
+        entry would subtract a block from the denominator `phi(q).y + eps`, which can then
+        reach zero (seen after 20 DiT steps). The clamp keeps every weight of `A` >= 0, so
+        the output stays a convex combination of values; its gradient passes straight
+        through (an entry pushed below zero still feels the gradient at zero and can come
+        back, instead of dying). `normalize=False` has no denominator and uses `Mc` as is.
+        """
+        if not self.normalize:
+            return self.mixing
+        return self.mixing + (self.mixing.clamp(min=0) - self.mixing).detach()
+
     def mixing_for_heads(self) -> torch.Tensor:
-        return self.replicated(self.mixing) if self.mixing.dim() == 2 else self.mixing
+        mixing = self.effective_mixing()
+        return self.replicated(mixing) if self.mixing.dim() == 2 else mixing
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.features(x, self.positions(x.shape[1], device=x.device))
@@ -227,15 +240,15 @@ class ParallelMHLAttention(AttentionProjections):
         if not self.causal or self.cp_rank_size()[1] != 1:
             raise ValueError("decoding needs a causal layer and no context parallelism")
         q, k, v = self.features(x, self.positions(x.shape[1], 0, x.device))
-        o = mhla(q, k, v, self.mixing, self.block_size, causal=True, normalize=self.normalize)
-        return self.finish(o, x), MHLADecodeState.from_prefill(k, v, self.mixing,
-                                                               self.block_size)
+        mixing = self.effective_mixing()
+        o = mhla(q, k, v, mixing, self.block_size, causal=True, normalize=self.normalize)
+        return self.finish(o, x), MHLADecodeState.from_prefill(k, v, mixing, self.block_size)
 
     @torch.no_grad()
     def step(self, x: torch.Tensor, state: MHLADecodeState) -> torch.Tensor:
         """One token per sequence, `x` `[B, 1, hidden]`, at position `state.position`."""
         q, k, v = self.features(x, self.positions(1, state.position, x.device))
-        o = mhla_decode_step(state, q[:, 0], k[:, 0], v[:, 0], self.mixing,
+        o = mhla_decode_step(state, q[:, 0], k[:, 0], v[:, 0], self.effective_mixing(),
                              normalize=self.normalize)
         return self.finish(o[:, None].to(v.dtype), x)
 

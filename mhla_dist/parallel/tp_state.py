@@ -43,16 +43,24 @@ def full_grads(module: nn.Module, tp_group) -> dict[str, torch.Tensor]:
     return gather_tp_tensors(module, grads, tp_group)
 
 
+def tp_slice(param: nn.Parameter, full: torch.Tensor, tp_group, name: str = "") -> torch.Tensor:
+    """This TP rank's slice of the full tensor `full` of `param` (checked against its
+    shape; a ZeRO-3 parameter's own shape is its `ds_shape`)."""
+    tp, rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
+    dim = split_dim(param)
+    local = full if dim is None else full.chunk(tp, dim=dim)[rank]
+    shape = tuple(getattr(param, "ds_shape", param.shape))
+    if tuple(local.shape) != shape:
+        raise ValueError(f"{name or 'parameter'}: full {tuple(full.shape)} gives "
+                         f"{tuple(local.shape)} on TP rank {rank}/{tp}, the parameter is "
+                         f"{shape}")
+    return local
+
+
 @torch.no_grad()
 def load_full_state_dict(module: nn.Module, state: dict[str, torch.Tensor], tp_group) -> None:
     """Copy this TP rank's slice of every full tensor in `state` into `module`."""
-    tp, rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
     for name, param in module.named_parameters():
         if name not in state:
             raise KeyError(f"{name} missing from the full state (has {sorted(state)})")
-        full, dim = state[name], split_dim(param)
-        local = full if dim is None else full.chunk(tp, dim=dim)[rank]
-        if local.shape != param.shape:
-            raise ValueError(f"{name}: full {tuple(full.shape)} gives {tuple(local.shape)} on "
-                             f"TP rank {rank}/{tp}, the parameter is {tuple(param.shape)}")
-        param.copy_(local)
+        param.copy_(tp_slice(param, state[name], tp_group, name))

@@ -25,6 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     warnings.filterwarnings("ignore", category=UserWarning)  # megatron's optional extras
+    # Our collectives use torch 2.13's names; DeepSpeed 0.19's ZeRO still calls the old
+    # ones, and torch repeats its FutureWarning for them every few steps.
+    warnings.filterwarnings(
+        "ignore", category=FutureWarning,
+        message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is "
+                r"deprecated")
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:

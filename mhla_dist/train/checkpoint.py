@@ -10,7 +10,16 @@ Every rank writes into a staging folder that rank 0 renames into place after all
 (a barrier), and only then is `latest` replaced atomically (write, then rename), so a
 crash mid-save leaves the previous checkpoint in charge; a folder newer than `latest` is
 ignored with a warning. The same `latest` file is what DeepSpeed's own tools
-(`zero_to_fp32`) read. Only the newest `keep_last` are kept.
+(`zero_to_fp32`) read.
+
+`keep_last` counts every full checkpoint folder of the trainer's: the `stepXXXXXXXX`
+folders and the `stepXXXXXXXX.replaced-K` ones (a step folder a resumed run reached
+again, moved aside). After each save the folder `latest` names is kept first, then the
+run's own older steps, newest first; then what a rollback left behind (folders of steps
+after `latest`, from the branch abandoned when the run resumed from an earlier
+checkpoint, and the replaced folders), newest first. Whatever does not fit is deleted,
+and each deletion of an abandoned folder is logged. The checkpoint `latest` names is
+never deleted; nothing but these folders is ever touched.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ def tag_for(step: int) -> str:
 
 
 TAG = re.compile(r"step\d{8}")
+REPLACED = re.compile(r"(step\d{8})\.replaced-(\d+)")
 
 
 def _tags(ckpt_dir: Path) -> list[str]:
@@ -63,8 +73,10 @@ def find_resume(ckpt_dir: Path, resume: str) -> Path | None:
             given, latest_step = _saved_step(path), _saved_step(newest)
             if latest_step > given:
                 log.warning("resume=%s (step %d) is older than this run's latest checkpoint "
-                            "%s (step %d); resume=auto continues from there", path, given,
-                            newest, latest_step)
+                            "%s (step %d); resume=auto continues from there. Rolling back: "
+                            "once this run saves, the checkpoints after step %d count as "
+                            "abandoned and are deleted first under checkpoint.keep_last",
+                            path, given, newest, latest_step, given)
         return path
     latest = ckpt_dir / LATEST
     tags = _tags(ckpt_dir) if ckpt_dir.is_dir() else []
@@ -140,10 +152,36 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, trainer_state: dict, keep
         tmp = ckpt_dir / f".{LATEST}.tmp"
         tmp.write_text(tag)
         os.replace(tmp, ckpt_dir / LATEST)
-        for old in _tags(ckpt_dir)[:-keep_last]:
-            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+        prune_checkpoints(ckpt_dir, tag, keep_last)
     dist.barrier()
     return path
+
+
+def _step_and_replacement(name: str) -> tuple[str, int]:
+    m = REPLACED.fullmatch(name)
+    return (m.group(1), int(m.group(2))) if m else (name, 0)
+
+
+def prune_checkpoints(ckpt_dir: Path, latest: str, keep_last: int) -> list[str]:
+    """Delete all but `keep_last` checkpoint folders, `latest` first (see the module
+    docstring for the order); returns the names deleted."""
+    own, left = [], []
+    for p in ckpt_dir.iterdir():
+        if p.is_dir() and TAG.fullmatch(p.name):
+            (own if p.name <= latest else left).append(p.name)
+        elif p.is_dir() and REPLACED.fullmatch(p.name):
+            left.append(p.name)
+    order = sorted(own, reverse=True) + sorted(left, key=_step_and_replacement, reverse=True)
+    if order[:1] != [latest]:
+        raise RuntimeError(f"{ckpt_dir / latest} (latest) is missing after its save")
+    deleted = order[max(keep_last, 1):]
+    for name in deleted:
+        if name > latest or not TAG.fullmatch(name):
+            log.warning("deleting %s: left behind by a resume from an earlier checkpoint "
+                        "(a step after latest=%s, or a folder replaced since); "
+                        "checkpoint.keep_last=%d", name, latest, keep_last)
+        shutil.rmtree(ckpt_dir / name, ignore_errors=True)
+    return deleted
 
 
 def load_trainer_state(path: Path) -> dict:

@@ -1,8 +1,14 @@
 """Training the video DiT with rectified flow on clip shards.
 
-Noise, timesteps and label dropout come from a generator seeded by (seed, step, micro-batch,
-DP rank): the same on every TP and CP rank of a replica (they must see the same noisy
-clip), different across replicas and steps, and reproduced exactly after a resume.
+Noise, timesteps and label and caption dropout come from a generator seeded by (seed,
+step, micro-batch, DP rank): the same on every TP and CP rank of a replica (they must see
+the same noisy clip), different across replicas and steps, and reproduced exactly after a
+resume. Evaluation draws from (seed, eval batch index, DP rank) instead, so every
+evaluation scores the same noisy clips; it drops no labels or captions.
+
+Clips are handed to the model as float32 (the model casts them to its own dtype);
+captions (`model.caption_dim > 0`) come from the shards' `emb.npy` and a dropped caption
+is the zero vector, the unconditional input the sampler's guidance uses.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ class DiTTask:
         m = cfg.model
         self.shape = (m.in_channels, m.frames, m.height, m.width)
         self.step, self.micro = 0, 0
+        self.patch_values = m.num_tokens // topo.cp * m.patch_dim  # per clip, this rank
 
     def build_model(self) -> torch.nn.Module:
         from mhla_dist.model.dit import DiT
@@ -57,35 +64,61 @@ class DiTTask:
         urls = d.train if split == "train" else d.eval
         if not urls:
             return None
+        m = self.cfg.model
         return video_loader(urls, batch_size=d.micro_batch_size,
-                            with_label=self.cfg.model.num_classes > 0, dp_rank=t.dp_rank,
+                            with_label=m.num_classes > 0, with_caption=m.caption_dim > 0,
+                            dp_rank=t.dp_rank,
                             dp_size=t.dp, num_workers=d.workers, seed=d.seed,
                             shuffle=split == "train", shuffle_buffer=d.shuffle_buffer)
 
-    def set_position(self, step: int, micro: int) -> None:
+    def set_position(self, step: int | None, micro: int) -> None:
         self.step, self.micro = step, micro
+
+    def _generator(self) -> torch.Generator:
+        # Integers only: Python salts the hash of strings per process.
+        key = ((self.cfg.train.seed, self.step, self.micro, self.topo.dp_rank)
+               if self.step is not None
+               else (self.cfg.train.seed, -1, self.micro, self.topo.dp_rank))
+        return torch.Generator().manual_seed(hash(key) % 2**62)
+
+    def count(self, batch: dict) -> int:
+        """Velocity values this rank's loss sums over: its tokens of every clip."""
+        return batch["clip"].shape[0] * self.patch_values
 
     def loss(self, engine, batch: dict):
         from mhla_dist.model.rectified_flow import (
+            drop_captions,
             drop_labels,
             rectified_flow_loss,
             sample_timesteps,
         )
 
         m, device = self.cfg.model, self.topo.device
+        training = engine.module.training
         x0 = to_model_layout(batch["clip"], self.shape).to(device)
-        seed = hash((self.cfg.train.seed, self.step, self.micro, self.topo.dp_rank)) % 2**62
-        g = torch.Generator().manual_seed(seed)
+        g = self._generator()
         noise = torch.randn(x0.shape, generator=g).to(device)
         t = sample_timesteps(x0.shape[0], generator=g).to(device)
         labels = batch.get("label")
         if labels is not None and m.num_classes > 0:
             labels = labels.to(device)
-            if engine.module.training:
+            if training:
                 labels = drop_labels(labels, m.class_dropout, m.null_class, g)
         else:
             labels = None
-        total, count = rectified_flow_loss(_EngineAsModel(engine), x0, noise, t, labels)
+        caption = None
+        if m.caption_dim > 0:
+            caption = batch["caption"].float()
+            if caption.shape[1:] != (m.caption_dim,):
+                raise ValueError(
+                    f"caption embeddings (emb.npy) of shape {tuple(caption.shape[1:])}; "
+                    f"model.caption_dim={m.caption_dim} takes one pooled [{m.caption_dim}] "
+                    "vector per clip")
+            if training:
+                caption = drop_captions(caption, m.caption_dropout, g)
+            caption = caption.to(device)
+        total, count = rectified_flow_loss(_EngineAsModel(engine), x0, noise, t, labels,
+                                           caption)
         return total, torch.tensor(count)
 
     def samples_and_tokens(self) -> tuple[int, int]:

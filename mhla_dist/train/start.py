@@ -99,11 +99,15 @@ def deepspeed_checkpoint_config(plan: StartPlan) -> dict:
     return {"load_universal": plan.carry and plan.kind == "universal"}
 
 
-def load_weights(plan: StartPlan, model: torch.nn.Module, cfg: Config, topo: Topology) -> None:
+def load_weights(plan: StartPlan, model: torch.nn.Module, cfg: Config,
+                 topo: Topology) -> dict[str, torch.Tensor] | None:
     """Reset: this rank's slice of the source's full weights, before DeepSpeed wraps the
-    model (a carried start loads them with the optimizer, after)."""
+    model (a carried start loads them with the optimizer, after). Returns the full fp32
+    weights loaded, which also become the engine's masters once it exists
+    (`master_weights.set_master_weights`): a bf16 engine would otherwise make its masters
+    from the bf16-rounded parameters."""
     if plan.kind == "scratch" or plan.carry:
-        return
+        return None
     file_cfg = None
     if plan.kind == "file":
         state, file_cfg = read_consolidated(plan.source)
@@ -114,6 +118,7 @@ def load_weights(plan: StartPlan, model: torch.nn.Module, cfg: Config, topo: Top
                                                layout=full_layout(model, topo.tp))
     load_full_weights(model, state, topo.tp_group, what=str(plan.source), file_cfg=file_cfg,
                       model_cfg=cfg.model)
+    return {k: v.float() for k, v in state.items()}
 
 
 @contextlib.contextmanager

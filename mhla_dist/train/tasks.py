@@ -1,7 +1,10 @@
 """What differs between model kinds in training: the model, its data, its loss.
 
 A task's `loss(engine, batch)` returns this rank's `(sum of per-element losses, number of
-elements)`; the trainer turns it into the global mean (DESIGN §2).
+elements)`; `count(batch)` is that number without a forward, so the trainer knows a whole
+step's global count before the first backward and turns the sums into the step's global
+mean (DESIGN §2). `set_position(step, micro)` says which draw of noise a loss belongs to
+(`step=None`: the eval batch `micro`, the same at every evaluation).
 """
 
 from __future__ import annotations
@@ -44,7 +47,12 @@ class LMTask:
 
         return token_loss(engine(tokens), targets, IGNORE_INDEX)
 
-    def set_position(self, step: int, micro: int) -> None:
+    def count(self, batch: dict) -> int:
+        """This rank's target tokens (padding excluded) in `batch`."""
+        local = cp_slice(batch, self.topo.cp_rank, self.topo.cp)
+        return int((local["labels"] != IGNORE_INDEX).sum())
+
+    def set_position(self, step: int | None, micro: int) -> None:
         """Which step and micro-batch the next `loss` belongs to (unused: no sampling)."""
 
     def samples_and_tokens(self) -> tuple[int, int]:

@@ -1,17 +1,26 @@
 """The trainer: topology -> task (model, data, loss) -> DeepSpeed engine -> the step loop.
 
-One optimizer step, read top to bottom in `train_step`: for each micro-batch, the local
-loss sum and element count; the count and the non-finite flag are all-reduced (count over
-DP x CP, the flag over every rank); each rank back-propagates
-`sum * (DP*CP) / global count` because DeepSpeed averages gradients over DP x CP, so the
-gradient is that of the global mean. A non-finite loss on any rank skips the step on
-every rank (with gradient accumulation, that micro-batch's backward is skipped and the
-step uses the others); `train.max_nonfinite_steps` skips in a row stop the run.
+One optimizer step, read top to bottom in `train_step`:
+1. Its `train.grad_accum` micro-batches are read first, and their global element count
+   (target tokens, or clip values for the DiT) is all-reduced over DP x CP once.
+2. Each micro-batch's local loss sum is back-propagated as
+   `sum * (DP*CP) / step count`: DeepSpeed averages gradients over DP x CP, so the
+   gradient is that of the mean over every element of the whole step, however the
+   elements fall into micro-batches (padding) and ranks.
+3. One all-reduce over every rank: is any micro-batch's loss non-finite anywhere, and
+   the step's loss sum. A non-finite step is skipped whole on every rank: its gradients
+   (non-finite ones included) went through DeepSpeed as usual, but the optimizer update
+   is dropped (`step_gate.py`), so weights and Adam's moments and step count stay
+   exactly as they were and the gradients are zeroed. The step still counts: its data
+   are consumed, `step` advances, and the learning rate, a function of `step`, is the
+   schedule's for the next step as if nothing happened. `train.max_nonfinite_steps`
+   skips in a row stop the run.
+The logged loss is the global mean of the step; evaluation scores the same eval batches
+(and, for the DiT, the same noise and timesteps) every time.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
 import resource
@@ -28,6 +37,7 @@ from mhla_dist.convert.universal import universal_checkpoint_info
 from mhla_dist.parallel import DeepSpeedMPU, Topology, build_topology
 
 from .checkpoint import find_resume, load_trainer_state, rng_state, save_checkpoint, set_rng_state
+from .master_weights import master_state_dict, set_master_weights
 from .metrics_log import MetricsLogger, NullLogger
 from .param_groups import apply_hyperparameters, param_groups
 from .schedule import learning_rate
@@ -39,6 +49,7 @@ from .start import (
     load_weights,
     plan_start,
 )
+from .step_gate import OptimizerStepGate
 from .tasks import make_task
 
 log = logging.getLogger("mhla_dist.train")
@@ -101,14 +112,17 @@ class Trainer:
         model = self.task.build_model()
         resume = find_resume(self.ckpt_dir, cfg.resume)
         self.start = plan_start(cfg, resume, self.topo)
-        load_weights(self.start, model, cfg, self.topo)
+        initial = load_weights(self.start, model, cfg, self.topo)
         # Which tensors are split over TP, for DeepSpeed's universal checkpoint converter.
         model.universal_checkpoint_info = universal_checkpoint_info(model)
         groups = param_groups(model, cfg.optim.weight_decay, list(cfg.optim.no_decay))
         self.engine, *_ = deepspeed.initialize(
             model=model, config=deepspeed_config(cfg, self.start), mpu=DeepSpeedMPU(self.topo),
             model_parameters=[{k: g[k] for k in ("params", "weight_decay")} for g in groups])
+        if initial is not None:
+            set_master_weights(self.engine, initial, self.topo.tp_group)
         load_carried(self.start, self.engine, cfg, self.topo)
+        self.step_gate = OptimizerStepGate.for_engine(self.engine)
         apply_hyperparameters(self.engine.optimizer, groups, cfg.optim.betas, cfg.optim.eps)
         log.info("%s", describe(self.start, self.topo))
         self.step, self.skipped, self.nonfinite_streak = 0, 0, 0
@@ -143,58 +157,78 @@ class Trainer:
                                self.cfg.checkpoint.keep_last, config_to_yaml(self.cfg))
 
     # ------------------------------------------------------------------ the step
-    def _global(self, values: list[float], group) -> torch.Tensor:
-        t = torch.tensor(values, dtype=torch.float64, device=self.topo.device)
+    def _all_reduce(self, values: list[torch.Tensor | float], group=None) -> torch.Tensor:
+        t = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in values])
+        t = t.to(self.topo.device)
         dist.all_reduce(t, group=group)
         return t
+
+    def _replica_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """`value` as counted once per DP x CP rank: TP ranks hold the same tokens, so only
+        TP rank 0 contributes to a sum taken over every rank."""
+        return value if self.topo.tp_rank == 0 else torch.zeros_like(value)
 
     def train_step(self, batches) -> dict:
         cfg, topo = self.cfg, self.topo
         lr = learning_rate(self.step, cfg.train.steps, cfg.optim.lr, cfg.schedule)
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = count_sum = 0.0
-        skipped, grad_norm = False, None
-        for micro in range(cfg.train.grad_accum):
-            self.task.set_position(self.step, micro)
-            total, count = self.task.loss(self.engine, next(batches))
-            local_bad = 0.0 if bool(torch.isfinite(total)) else 1.0
-            bad = self._global([local_bad], None)[0].item() > 0
-            sums = self._global([0.0 if local_bad else total.item(), float(count)],
-                                topo.dp_cp_group)
-            if bad:
-                skipped = True
-            else:
-                self.engine.backward(total * topo.dp_cp_size / sums[1])
-                loss_sum, count_sum = loss_sum + sums[0].item(), count_sum + sums[1].item()
-            if micro == cfg.train.grad_accum - 1 and cfg.zero.stage == 0 and not skipped:
-                # ZeRO's optimizers report the norm; plain data parallelism does not.
-                from deepspeed.runtime.utils import get_flattened_grad_norm
-
-                grad_norm = get_flattened_grad_norm(list(self.engine.module.parameters()),
-                                                    mpu=self.engine.mpu)
-            if not bad or cfg.train.grad_accum > 1:
+        micro = [next(batches) for _ in range(cfg.train.grad_accum)]
+        # At least 1: a step whose every target is padding gives zero gradients, not NaN.
+        count = self._all_reduce([float(sum(self.task.count(b) for b in micro))],
+                                 topo.dp_cp_group)[0].clamp(min=1)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=topo.device)
+        for i, batch in enumerate(micro):
+            self.task.set_position(self.step, i)
+            total, _ = self.task.loss(self.engine, batch)
+            # scale_wrt_gas=False: the division by the step's count already averages
+            # over the micro-batches.
+            self.engine.backward(total * (topo.dp_cp_size / count).to(total.dtype),
+                                 scale_wrt_gas=False)
+            loss_sum = loss_sum + total.detach().double()
+            if i < len(micro) - 1:
                 self.engine.step()
-        if grad_norm is None:
+        finite = torch.isfinite(loss_sum)
+        bad, total = self._all_reduce(
+            [(~finite).double(), torch.where(finite, self._replica_sum(loss_sum), 0.0)]).tolist()
+        skipped = bad > 0
+        grad_norm = None
+        if cfg.zero.stage == 0 and not skipped:
+            # ZeRO's optimizers report the norm; plain data parallelism does not.
+            from deepspeed.runtime.utils import get_flattened_grad_norm
+
+            grad_norm = get_flattened_grad_norm(list(self.engine.module.parameters()),
+                                                mpu=self.engine.mpu)
+        with self.step_gate.skipping(skipped):
+            self.engine.step()
+        if grad_norm is None and not skipped:
             grad_norm = self.engine.get_global_grad_norm()
-        return {"loss": loss_sum / count_sum if count_sum else float("nan"), "lr": lr,
+        return {"loss": float("nan") if skipped else total / float(count), "lr": lr,
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                 "skipped": skipped}
 
     @torch.no_grad()
     def evaluate(self) -> float:
+        """The mean loss over the first `train.eval_steps` eval batches: the same batches
+        (and the same noise and timesteps for the DiT) at every evaluation, so the curve
+        compares steps; the training loader and the RNG are not touched."""
         self.engine.eval()
+        self.eval_loader.rewind()
         batches = iter(self.eval_loader)
-        loss_sum = count_sum = 0.0
-        for _ in range(self.cfg.train.eval_steps):
-            try:
-                batch = next(batches)
-            except StopIteration:
-                break
-            total, count = self.task.loss(self.engine, batch)
-            sums = self._global([total.item(), float(count)], self.topo.dp_cp_group)
-            loss_sum, count_sum = loss_sum + sums[0].item(), count_sum + sums[1].item()
+        sums = torch.zeros(2, dtype=torch.float64, device=self.topo.device)
+        try:
+            for index in range(self.cfg.train.eval_steps):
+                batch = next(batches, None)
+                if batch is None:
+                    break
+                self.task.set_position(None, index)
+                total, count = self.task.loss(self.engine, batch)
+                sums += self._replica_sum(torch.stack([total.double(), count.double()]))
+        finally:
+            batches.close()
+        dist.all_reduce(sums)
         self.engine.train()
+        loss_sum, count_sum = sums.tolist()
         return loss_sum / max(count_sum, 1.0)
 
     # ------------------------------------------------------------------ the loop
@@ -224,7 +258,10 @@ class Trainer:
             else:
                 self.nonfinite_streak = 0
             self.logger.progress(self.step, cfg.train.steps, out["loss"])
-            if self.step % cfg.logging.interval == 0 or self.step == cfg.train.steps:
+            eval_due = bool(cfg.train.eval_interval and self.eval_loader is not None
+                            and self.step % cfg.train.eval_interval == 0)
+            if (eval_due or self.step % cfg.logging.interval == 0
+                    or self.step == cfg.train.steps):
                 elapsed = time.perf_counter() - window_start
                 per_s = window_steps / max(elapsed, 1e-9)
                 # The mean over the steps since the last row: one step's loss is noisy.
@@ -236,8 +273,7 @@ class Trainer:
                 if cfg.logging.peak_flops > 0:
                     metrics["mfu"] = (flops * tokens * per_s
                                       / (cfg.logging.peak_flops * self.topo.world_size))
-                if (cfg.train.eval_interval and self.eval_loader is not None
-                        and self.step % cfg.train.eval_interval == 0):
+                if eval_due:
                     metrics["eval_loss"] = self.evaluate()
                 self.logger.log(self.step, metrics)
                 window_start, window_steps, window_losses = time.perf_counter(), 0, []
@@ -249,23 +285,16 @@ class Trainer:
         self.logger.close()
 
     def save_consolidated(self, path: Path) -> None:
-        """The full fp32 weights (ZeRO-3 partitions and TP shards gathered) as one
-        safetensors file, with the model config as JSON beside it; written by rank 0."""
+        """The full fp32 master weights (from ZeRO's fp32 partitions or DeepSpeed's bf16
+        optimizer, TP shards gathered; a bf16 run's module holds only rounded copies) as
+        one safetensors file, with the model config as JSON beside it; written by rank 0."""
         import json
 
-        import deepspeed
         from safetensors.torch import save_file
 
-        from mhla_dist.parallel.tp_state import full_state_dict
-
-        module = self.engine.module
-        params = list(module.parameters())
-        gathered = (deepspeed.zero.GatheredParameters(params) if self.cfg.zero.stage == 3
-                    else contextlib.nullcontext())
-        with gathered:
-            state = full_state_dict(module, self.topo.tp_group)
+        state = master_state_dict(self.engine, self.topo.tp_group)
         if self.topo.is_main:
-            state = {k: v.float().contiguous() for k, v in state.items()}
+            state = {k: v.contiguous() for k, v in state.items()}
             tmp = path.with_suffix(".tmp")
             save_file(state, str(tmp), metadata={"format": "pt", "step": str(self.step)})
             tmp.replace(path)
