@@ -70,10 +70,8 @@ def _rank_fp32_state(folder: Path, tp_rank: int) -> dict[str, torch.Tensor]:
     """One TP rank's full-over-DP fp32 weights, by DeepSpeed's own zero_to_fp32."""
     mine = f"mp_rank_{tp_rank:02d}_"
     optim = [p for p in folder.iterdir() if mine in p.name and p.name.endswith("_optim_states.pt")]
-    if not optim:  # ZeRO 0: the module itself holds the weights
-        state = torch.load(folder / f"{mine}model_states.pt", map_location="cpu",
-                           weights_only=False)["module"]
-        return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    if not optim:  # ZeRO 0: the module holds the weights, a bf16 one only rounded copies
+        return _zero0_fp32_state(folder / f"{mine}model_states.pt")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -86,6 +84,37 @@ def _rank_fp32_state(folder: Path, tp_rank: int) -> dict[str, torch.Tensor]:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):  # progress bars
             state = get_fp32_state_dict_from_zero_checkpoint(tmp, tag=folder.name)
         log.debug("zero_to_fp32 (TP rank %d): %s", tp_rank, out.getvalue())
+    return state
+
+
+def _zero0_fp32_state(path: Path) -> dict[str, torch.Tensor]:
+    """A ZeRO-0 checkpoint's fp32 weights: under bf16 DeepSpeed's mixed-precision optimizer
+    keeps the fp32 masters (`fp32_groups`, in the order of the optimizer's parameter
+    groups, which the trainer records as `param_group_names`); the `module` holds the
+    weights of an fp32 run."""
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    # torch.is_tensor: megatron-core's linears add `_extra_state: None` entries.
+    state = {k: v.float() if v.is_floating_point() else v
+             for k, v in saved["module"].items() if torch.is_tensor(v)}
+    groups = (saved.get("optimizer") or {}).get("fp32_groups")
+    if groups is None:
+        return state
+    names = saved.get("param_group_names")
+    if names is None:
+        log.warning("%s: a mixed-precision ZeRO-0 checkpoint without the trainer's "
+                    "param_group_names (saved before they were recorded): taking the "
+                    "module's rounded weights, not the fp32 masters", path)
+        return state
+    flat_names = [n for group in names for n in group]
+    masters = [t for group in groups for t in group]
+    if len(flat_names) != len(masters):
+        raise ConversionError(f"{path}: {len(masters)} fp32 master tensors for "
+                              f"{len(flat_names)} recorded parameter names")
+    for name, master in zip(flat_names, masters, strict=True):
+        if name not in state or state[name].shape != master.shape:
+            raise ConversionError(f"{path}: fp32 master {name} {tuple(master.shape)} does not "
+                                  "match the module's weights")
+        state[name] = master.float()
     return state
 
 

@@ -122,8 +122,11 @@ def _aside(path: Path) -> Path:
 
 
 def save_checkpoint(engine, ckpt_dir: Path, step: int, trainer_state: dict, keep_last: int,
-                    config_yaml: str) -> Path:
-    """Save on every rank; returns the checkpoint folder.
+                    config_yaml: str, param_group_names: list[list[str]] | None = None
+                    ) -> Path:
+    """Save on every rank; returns the checkpoint folder. `param_group_names` (the names of
+    the optimizer's parameter groups, in order) go into DeepSpeed's model states, where a
+    ZeRO-0 mixed-precision checkpoint's fp32 masters are stored by group position only.
 
     Every rank writes into `.stepXXXXXXXX.saving`; after a barrier rank 0 renames it to
     `stepXXXXXXXX` and only then points `latest` at it. A folder of that name already
@@ -136,7 +139,9 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, trainer_state: dict, keep
         shutil.rmtree(staging, ignore_errors=True)  # what a crashed save left
     dist.barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=staging.name,
-                           client_state={"step": step, "iteration": step}, save_latest=False)
+                           client_state={"step": step, "iteration": step,
+                                         "param_group_names": param_group_names},
+                           save_latest=False)
     (staging / "trainer_state").mkdir(parents=True, exist_ok=True)
     torch.save(trainer_state, staging / "trainer_state" / f"rank{dist.get_rank():05d}.pt")
     dist.barrier()
@@ -157,9 +162,11 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, trainer_state: dict, keep
     return path
 
 
-def _step_and_replacement(name: str) -> tuple[str, int]:
+def _step_and_replacement(name: str) -> tuple[str, float]:
+    """Age order of checkpoint folders: by step, and a step's `.replaced-K` folders (older
+    versions of it, K counting up) before the folder itself."""
     m = REPLACED.fullmatch(name)
-    return (m.group(1), int(m.group(2))) if m else (name, 0)
+    return (m.group(1), int(m.group(2))) if m else (name, float("inf"))
 
 
 def prune_checkpoints(ckpt_dir: Path, latest: str, keep_last: int) -> list[str]:

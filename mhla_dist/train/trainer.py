@@ -116,6 +116,7 @@ class Trainer:
         # Which tensors are split over TP, for DeepSpeed's universal checkpoint converter.
         model.universal_checkpoint_info = universal_checkpoint_info(model)
         groups = param_groups(model, cfg.optim.weight_decay, list(cfg.optim.no_decay))
+        self.param_group_names = [g["names"] for g in groups]
         self.engine, *_ = deepspeed.initialize(
             model=model, config=deepspeed_config(cfg, self.start), mpu=DeepSpeedMPU(self.topo),
             model_parameters=[{k: g[k] for k in ("params", "weight_decay")} for g in groups])
@@ -154,7 +155,8 @@ class Trainer:
 
     def save(self) -> Path:
         return save_checkpoint(self.engine, self.ckpt_dir, self.step, self.trainer_state(),
-                               self.cfg.checkpoint.keep_last, config_to_yaml(self.cfg))
+                               self.cfg.checkpoint.keep_last, config_to_yaml(self.cfg),
+                               self.param_group_names)
 
     # ------------------------------------------------------------------ the step
     def _all_reduce(self, values: list[torch.Tensor | float], group=None) -> torch.Tensor:
