@@ -47,6 +47,16 @@ def from_blocks(o: torch.Tensor, tokens: int, dtype: torch.dtype) -> torch.Tenso
     return o.reshape(b, h, m * c, dv)[:, :, :tokens].transpose(1, 2).to(dtype).contiguous()
 
 
+def write_tokens(out: torch.Tensor, tok: slice, ob: torch.Tensor) -> None:
+    """Copy heads-first blocks `ob` `[B, H, m, C, dv]` into the token-major rows
+    `out[:, tok]` (`[B, n, H, dv]`) in one pass, converting the dtype on the way (and
+    dropping a ragged last block's padding): `from_blocks` then a slice assignment would
+    copy the token-sized tensor twice."""
+    b, h, m, c, dv = ob.shape
+    n = tok.stop - tok.start
+    out[:, tok].copy_(ob.reshape(b, h, m * c, dv)[:, :, :n].transpose(1, 2))
+
+
 def mixing_rows(
     mixing: torch.Tensor, row_start: int, num_rows: int, num_cols: int, dtype: torch.dtype
 ) -> torch.Tensor:
@@ -99,11 +109,11 @@ def to_subchunks(xb: torch.Tensor, chunk: int) -> torch.Tensor:
 
 
 def noncausal_outputs(qb, t, y, *, normalize: bool, eps: float, scale: float):
-    """Block outputs without masking: `o_t = q_t^T T_i [/ (q_t^T y_i + eps)]`."""
-    num = qb @ t
+    """Block outputs without masking: `o_t = q_t^T T_i [/ (q_t^T y_i + eps)]`. Not for
+    autograd (in place; the scale is applied to the block-sized `T`)."""
     if not normalize:
-        return num * scale
-    return num / (qb @ y.unsqueeze(-1) + eps)
+        return qb @ (t * scale)
+    return (qb @ t).div_((qb @ y.unsqueeze(-1)).add_(eps))
 
 
 def causal_numden(qc, kc, vc, u_kv, u_k, diag, t=None, y=None, *, normalize: bool):
@@ -149,17 +159,17 @@ def merge_subchunks(o: torch.Tensor, block_size: int) -> torch.Tensor:
 def outputs(q, k, v, t, y, diag, block_size, *, causal, normalize, eps, scale):
     """Outputs of the tokens `q, k, v` `[B, n, H, *]` (whole blocks but a ragged last one)
     from their blocks' mixed summaries `t` `[B, H, m, d, dv]`, `y` `[B, H, m, d]` and, when
-    causal, `diag` = `Mc[i, i]` `[1 or H, m]`. Returns `[B, n, H, dv]` in v's dtype."""
+    causal, `diag` = `Mc[i, i]` `[1 or H, m]`. Returns heads-first blocks
+    `[B, H, m, C, dv]` (`write_tokens` puts them in place); non-causal reads no k or v."""
     dtype = t.dtype
     m = t.shape[2]
-    qb, kb, vb = (to_blocks(x, block_size, m, dtype) for x in (q, k, v))
+    qb = to_blocks(q, block_size, m, dtype)
     if not causal:
-        o = noncausal_outputs(qb, t, y, normalize=normalize, eps=eps, scale=scale)
-    else:
-        chunk = subchunk_size(block_size)
-        qc, kc, vc = (to_subchunks(x, chunk) for x in (qb, kb, vb))
-        u_kv, u_k = summaries(kc, vc)
-        o = causal_outputs(qc, kc, vc, u_kv, u_k, t, y, diag, normalize=normalize, eps=eps,
-                           scale=scale)
-        o = merge_subchunks(o, block_size)
-    return from_blocks(o, q.shape[1], v.dtype)
+        return noncausal_outputs(qb, t, y, normalize=normalize, eps=eps, scale=scale)
+    kb, vb = (to_blocks(x, block_size, m, dtype) for x in (k, v))
+    chunk = subchunk_size(block_size)
+    qc, kc, vc = (to_subchunks(x, chunk) for x in (qb, kb, vb))
+    u_kv, u_k = summaries(kc, vc)
+    o = causal_outputs(qc, kc, vc, u_kv, u_k, t, y, diag, normalize=normalize, eps=eps,
+                       scale=scale)
+    return merge_subchunks(o, block_size)

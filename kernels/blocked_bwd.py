@@ -37,15 +37,17 @@ def _reverse_exclusive_cumsum(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def noncausal_outputs_bwd(qb, t, y, g, *, normalize, eps, scale):
+    """dq, dt, dy (None without the denominator) of `o = q T [/ (q y + eps)]`, heads-first
+    blocks. Unnormalised, nothing token-sized is recomputed (the scale goes onto the
+    block-sized `T` and `dT`); normalised, the numerator and denominator are."""
+    if not normalize:
+        return g @ (t.transpose(-1, -2) * scale), (qb.transpose(-1, -2) @ g).mul_(scale), None
     num = qb @ t
-    den = qb @ y.unsqueeze(-1) + eps if normalize else None
-    gn, gd = _grad_of_quotient(num, den, g, normalize, scale)
-    dq = gn @ t.transpose(-1, -2)
-    dt = qb.transpose(-1, -2) @ gn
-    if gd is None:
-        return dq, dt, torch.zeros_like(y)
-    dq = dq + gd * y.unsqueeze(-2)
-    return dq, dt, (qb * gd).sum(-2)
+    den = (qb @ y.unsqueeze(-1)).add_(eps)
+    gn = g / den
+    gd = num.div_(den).mul_(gn).sum(-1, keepdim=True).neg_()  # -(gn . o)
+    dq = (gn @ t.transpose(-1, -2)).addcmul_(gd, y.unsqueeze(-2))
+    return dq, qb.transpose(-1, -2) @ gn, (qb.transpose(-1, -2) @ gd).squeeze(-1)
 
 
 def _causal_state(qc, kc, vc, t, y, diag):
@@ -115,23 +117,21 @@ def causal_intra_bwd(qc, kc, vc, diag, g_num, g_den):
 def outputs_bwd(q, k, v, t, y, diag, do, block_size, *, causal, normalize, eps, scale):
     """Gradients of `blocked.outputs` for the tokens `q, k, v` `[B, n, H, *]`.
 
-    Returns dq, dk, dv (token-major, in the inputs' dtypes; dk and dv are zero when not
-    causal: non-causal tokens reach their own k and v only through the summaries), and
-    dt, dy, ddiag (ddiag is None when not causal).
+    Returns dq, dk, dv as heads-first blocks `[B, H, m, C, *]` (`blocked.write_tokens`
+    puts them in place; dk and dv are None when not causal: non-causal tokens reach their
+    own k and v only through the summaries), and dt, dy, ddiag (dy None when neither
+    causal nor normalised, ddiag None when not causal).
     """
-    n, dtype = q.shape[1], t.dtype
-    m = t.shape[2]
+    dtype, m = t.dtype, t.shape[2]
     qb, gb = (blocked.to_blocks(x, block_size, m, dtype) for x in (q, do))
     if not causal:
         dqb, dt, dy = noncausal_outputs_bwd(qb, t, y, gb, normalize=normalize, eps=eps,
                                             scale=scale)
-        return (blocked.from_blocks(dqb, n, q.dtype), torch.zeros_like(k), torch.zeros_like(v),
-                dt, dy, None)
+        return dqb, None, None, dt, dy, None
     chunk = blocked.subchunk_size(block_size)
     kb, vb = (blocked.to_blocks(x, block_size, m, dtype) for x in (k, v))
     qc, kc, vc, gc = (blocked.to_subchunks(x, chunk) for x in (qb, kb, vb, gb))
     dq, dk, dv, dt, dy, ddiag = causal_outputs_bwd(qc, kc, vc, t, y, diag, gc,
                                                    normalize=normalize, eps=eps, scale=scale)
-    back = [blocked.from_blocks(blocked.merge_subchunks(g, block_size), n, x.dtype)
-            for g, x in ((dq, q), (dk, k), (dv, v))]
+    back = [blocked.merge_subchunks(g, block_size) for g in (dq, dk, dv)]
     return (*back, dt, dy, ddiag)

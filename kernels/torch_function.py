@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from . import blocked
+from . import blocked, token_major
 from .blocked_bwd import causal_intra_bwd, outputs_bwd
 
 SLAB_TOKENS = 8192
@@ -40,13 +40,15 @@ class BlockSummaries(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, k, v, block_size, num_blocks, dtype):
+        ctx.save_for_backward(k, v)
+        ctx.args = (block_size, num_blocks, dtype)
+        if token_major.fits(block_size, dtype, k, v):
+            return token_major.summaries(k, v, block_size)
         parts = [
             blocked.summaries(*(blocked.to_blocks(x[:, tok], block_size, b1 - b0, dtype)
                                 for x in (k, v)))
             for b0, b1, tok in _slabs(num_blocks, block_size, k.shape[1])
         ]
-        ctx.save_for_backward(k, v)
-        ctx.args = (block_size, num_blocks, dtype)
         return torch.cat([p[0] for p in parts], dim=2), torch.cat([p[1] for p in parts], dim=2)
 
     @staticmethod
@@ -54,49 +56,74 @@ class BlockSummaries(torch.autograd.Function):
         # S_b = sum k v^T, z_b = sum k: dk = v dS^T + dz, dv = k dS.
         k, v = ctx.saved_tensors
         block_size, num_blocks, dtype = ctx.args
+        if token_major.fits(block_size, dtype, k, v):
+            return (*token_major.summaries_bwd(k, v, ds, dz, block_size), None, None, None)
         dk, dv = torch.empty_like(k), torch.empty_like(v)
         for b0, b1, tok in _slabs(num_blocks, block_size, k.shape[1]):
             kb, vb = (blocked.to_blocks(x[:, tok], block_size, b1 - b0, dtype) for x in (k, v))
             gs, gz = ds[:, :, b0:b1], dz[:, :, b0:b1]
-            n = tok.stop - tok.start
-            dk[:, tok] = blocked.from_blocks(vb @ gs.transpose(-1, -2) + gz.unsqueeze(-2), n,
-                                             k.dtype)
-            dv[:, tok] = blocked.from_blocks(kb @ gs, n, v.dtype)
+            blocked.write_tokens(dk, tok, (vb @ gs.transpose(-1, -2)).add_(gz.unsqueeze(-2)))
+            blocked.write_tokens(dv, tok, kb @ gs)
         return dk, dv, None, None, None
 
 
 class BlockOutputs(torch.autograd.Function):
     """Outputs `[B, N, H, dv]` of q, k, v from the mixed `t`, `y` (heads-first) and, when
-    causal, the diagonal `Mc[i, i]` `[1 or H, M]` (pass an empty tensor otherwise)."""
+    causal, the diagonal `Mc[i, i]` `[1 or H, M]` (pass an empty tensor otherwise).
+
+    Non-causal outputs read k and v only through the summaries: they are neither saved
+    nor given a gradient here (no conversion, no zero gradients to add), and whole blocks
+    in the compute dtype take the copy-free per-head products of `token_major.py`."""
 
     @staticmethod
     def forward(ctx, q, k, v, t, y, diag, block_size, causal, normalize, eps, scale):
+        ctx.args = (block_size, causal, normalize, eps, scale)
+        if causal:
+            ctx.save_for_backward(q, k, v, t, y, diag)
+        else:
+            ctx.save_for_backward(q, t, y)
+            if token_major.fits(block_size, t.dtype, q, v):
+                return token_major.noncausal_outputs(q, t, y, block_size, normalize=normalize,
+                                                     eps=eps, scale=scale)
         o = v.new_empty(*q.shape[:3], v.shape[-1])
         for b0, b1, tok in _slabs(t.shape[2], block_size, q.shape[1]):
-            o[:, tok] = blocked.outputs(
+            blocked.write_tokens(o, tok, blocked.outputs(
                 q[:, tok], k[:, tok], v[:, tok], t[:, :, b0:b1], y[:, :, b0:b1],
                 diag[:, b0:b1] if causal else None, block_size,
                 causal=causal, normalize=normalize, eps=eps, scale=scale,
-            )
-        ctx.save_for_backward(q, k, v, t, y, diag)
-        ctx.args = (block_size, causal, normalize, eps, scale)
+            ))
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, t, y, diag = ctx.saved_tensors
         block_size, causal, normalize, eps, scale = ctx.args
         do = do.contiguous()
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        dt, dy, ddiag = torch.empty_like(t), torch.empty_like(y), torch.zeros_like(diag)
+        if causal:
+            q, k, v, t, y, diag = ctx.saved_tensors
+        else:
+            (q, t, y), k, v, diag = ctx.saved_tensors, None, None, None
+            if token_major.fits(block_size, t.dtype, q, do):
+                dq, dt, dy = token_major.noncausal_outputs_bwd(
+                    q, t, y, do, block_size, normalize=normalize, eps=eps, scale=scale)
+                return dq, None, None, dt, dy, None, None, None, None, None, None
+        dq = torch.empty_like(q)
+        dk, dv = (torch.empty_like(k), torch.empty_like(v)) if causal else (None, None)
+        dt = torch.empty_like(t)
+        dy = torch.empty_like(y) if causal or normalize else None
+        ddiag = torch.zeros_like(diag) if causal else None
         for b0, b1, tok in _slabs(t.shape[2], block_size, q.shape[1]):
             gq, gk, gv, gt, gy, gdiag = outputs_bwd(
-                q[:, tok], k[:, tok], v[:, tok], t[:, :, b0:b1], y[:, :, b0:b1],
-                diag[:, b0:b1] if causal else None, do[:, tok], block_size,
-                causal=causal, normalize=normalize, eps=eps, scale=scale,
+                q[:, tok], None if k is None else k[:, tok], None if v is None else v[:, tok],
+                t[:, :, b0:b1], y[:, :, b0:b1], diag[:, b0:b1] if causal else None,
+                do[:, tok], block_size, causal=causal, normalize=normalize, eps=eps,
+                scale=scale,
             )
-            dq[:, tok], dk[:, tok], dv[:, tok] = gq, gk, gv
-            dt[:, :, b0:b1], dy[:, :, b0:b1] = gt, gy
+            for out, g in ((dq, gq), (dk, gk), (dv, gv)):
+                if out is not None:
+                    blocked.write_tokens(out, tok, g)
+            dt[:, :, b0:b1] = gt
+            if dy is not None:
+                dy[:, :, b0:b1] = gy
             if causal:
                 ddiag[:, b0:b1] = gdiag
         return dq, dk, dv, dt, dy, ddiag, None, None, None, None, None
@@ -143,10 +170,8 @@ class BlockIntra(torch.autograd.Function):
             gn = blocked.to_subchunks(g_num[:, :, b0:b1], chunk)
             gd = blocked.to_subchunks(g_den[:, :, b0:b1], chunk) if normalize else None
             gq, gk, gv, ddiag[:, b0:b1] = causal_intra_bwd(qc, kc, vc, diag[:, b0:b1], gn, gd)
-            n = tok.stop - tok.start
-            for out, g, x in ((dq, gq, q), (dk, gk, k), (dv, gv, v)):
-                out[:, tok] = blocked.from_blocks(blocked.merge_subchunks(g, block_size), n,
-                                                  x.dtype)
+            for out, g in ((dq, gq), (dk, gk), (dv, gv)):
+                blocked.write_tokens(out, tok, blocked.merge_subchunks(g, block_size))
         return dq, dk, dv, ddiag, None, None, None
 
 
@@ -202,6 +227,10 @@ def mhla_torch(q, k, v, mixing, block_size, num_blocks, *, causal, normalize, ep
     dtype = blocked.compute_dtype(q, k, v)
     s, z = BlockSummaries.apply(k, v, block_size, num_blocks, dtype)
     rows = blocked.mixing_rows(mixing, 0, num_blocks, num_blocks, dtype)
+    if not normalize and not causal:
+        # The scale of the unnormalised output goes onto the M x M mix instead of onto a
+        # block-sized T in the forward and again in the backward.
+        rows, scale = rows * scale, 1.0
     t, y = blocked.mix(s, z, rows, causal=causal, row_start=0)
     diag = rows.diagonal(dim1=-2, dim2=-1) if causal else None
     return block_outputs_hf(q, k, v, t, y, diag, block_size, causal=causal,
