@@ -66,20 +66,28 @@ def summaries_bwd(k, v, ds, dz, block_size: int):
     return dk, dv
 
 
+def _with_denominator(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """`[T | y]` per head `[H, B*M, d, dv + 1]`: one product gives numerator and
+    denominator together (and, transposed, both halves of `dq`)."""
+    return _per_head(torch.cat([t, y.unsqueeze(-1)], dim=-1))
+
+
 def noncausal_outputs(q, t, y, block_size: int, *, normalize: bool, eps: float, scale: float):
     """`o = q T [/ (q y + eps)]` `[B, N, H, dv]` from heads-first `t`, `y`."""
     q4 = _heads(q, block_size)
     b, n, h, _ = q.shape
-    tt = _per_head(t if normalize or scale == 1 else t * scale)
-    o = q.new_empty(b, n, h, t.shape[-1])
+    dv = t.shape[-1]
+    o = q.new_empty(b, n, h, dv)
     o4 = _heads(o, block_size)
-    yy = _per_head(y.unsqueeze(-1)) if normalize else None
-    for i in range(h):
-        if normalize:
-            num = torch.bmm(q4[:, :, i], tt[i])
-            torch.div(num, torch.bmm(q4[:, :, i], yy[i]).add_(eps), out=o4[:, :, i])
-        else:
+    if not normalize:
+        tt = _per_head(t if scale == 1 else t * scale)
+        for i in range(h):
             o4[:, :, i] = torch.bmm(q4[:, :, i], tt[i])
+        return o
+    ty = _with_denominator(t, y)
+    for i in range(h):
+        nd = torch.bmm(q4[:, :, i], ty[i])
+        torch.div(nd[..., :dv], nd[..., dv:].add_(eps), out=o4[:, :, i])
     return o
 
 
@@ -88,27 +96,29 @@ def noncausal_outputs_bwd(q, t, y, do, block_size: int, *, normalize: bool, eps:
     """dq (token-major), dt, dy (heads-first; dy None unnormalised) of `noncausal_outputs`;
     `do` in q's dtype and layout."""
     b, _, h, _ = q.shape
+    dv = t.shape[-1]
     q4, g4 = _heads(q, block_size), _heads(do, block_size)
     dq = torch.empty_like(q)
     dq4 = _heads(dq, block_size)
-    tt = _per_head(t)
-    dt = t.new_empty(h, q4.shape[0], *t.shape[-2:])
-    dy = t.new_empty(h, q4.shape[0], t.shape[-2], 1) if normalize else None
     if not normalize:
-        tts = tt if scale == 1 else tt * scale
+        tt = _per_head(t if scale == 1 else t * scale)
+        dt = t.new_empty(h, q4.shape[0], *t.shape[-2:])
         for i in range(h):
-            dq4[:, :, i] = torch.bmm(g4[:, :, i], tts[i].transpose(1, 2))
+            dq4[:, :, i] = torch.bmm(g4[:, :, i], tt[i].transpose(1, 2))
             torch.bmm(q4[:, :, i].transpose(1, 2), g4[:, :, i], out=dt[i])
         return dq, _heads_first(dt if scale == 1 else dt.mul_(scale), b), None
-    yy = _per_head(y.unsqueeze(-1))
+    ty = _with_denominator(t, y)
+    dty = t.new_empty(h, q4.shape[0], t.shape[-2], dv + 1)
     for i in range(h):
-        qi, gi = q4[:, :, i], g4[:, :, i]
-        num = torch.bmm(qi, tt[i])
-        den = torch.bmm(qi, yy[i]).add_(eps)
-        gn = gi / den
-        gd = num.div_(den).mul_(gn).sum(-1, keepdim=True).neg_()  # -(gn . o)
-        dq4[:, :, i] = torch.baddbmm(torch.bmm(gn, tt[i].transpose(1, 2)), gd,
-                                     yy[i].transpose(1, 2))
-        torch.bmm(qi.transpose(1, 2), gn, out=dt[i])
-        torch.bmm(qi.transpose(1, 2), gd, out=dy[i])
-    return dq, _heads_first(dt, b), _heads_first(dy, b).squeeze(-1)
+        qi = q4[:, :, i]
+        nd = torch.bmm(qi, ty[i])
+        den = nd[..., dv:].add_(eps)
+        o = nd[..., :dv].div_(den)
+        # [gn | gd]: the gradients reaching the numerator and the denominator
+        gg = torch.empty_like(nd)
+        gn = torch.div(g4[:, :, i], den, out=gg[..., :dv])
+        torch.sum(o.mul_(gn), -1, keepdim=True, out=gg[..., dv:]).neg_()
+        dq4[:, :, i] = torch.bmm(gg, ty[i].transpose(1, 2))
+        torch.bmm(qi.transpose(1, 2), gg, out=dty[i])
+    dty = _heads_first(dty, b)
+    return dq, dty[..., :dv].contiguous(), dty[..., dv]

@@ -56,7 +56,8 @@ def _rss(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def measure(spec: dict) -> dict:
+def _make_run(spec: dict, variant: str):
+    """The inputs and a `run()` closure of one variant: `(run, inputs, do)`."""
     import torch
     import torch.nn.functional as F
 
@@ -64,52 +65,40 @@ def measure(spec: dict) -> dict:
 
     device, dtype = torch.device(spec["device"]), getattr(torch, spec["dtype"])
     b, n, h, d = spec["batch"], spec["n"], spec["heads"], spec["dim"]
-    causal, variant = spec["causal"], spec["variant"]
-    cuda = device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    mem_before = torch.cuda.memory_allocated() if cuda else _rss("VmRSS")
-
+    causal = spec["causal"]
     shape = (b, h, n, d) if variant == "sdpa" else (b, n, h, d)
     g = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.rand(shape, generator=g, device=device, dtype=dtype).requires_grad_()
                for _ in range(3))
     do = torch.randn(shape, generator=g, device=device, dtype=dtype)
-
     normalize = spec.get("normalize", True)
     if variant == "sdpa":
         def run():
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    elif variant == "plain":
-        m = spec["num_blocks"]
-        mixing = torch.rand(m, m, generator=g, device=device, dtype=torch.float32)
-        mixing.requires_grad_()
-
+        return run, (q, k, v), do
+    c = spec["block_size"] if variant != "linear" else n
+    m = spec["num_blocks"] if variant == "plain" else -(-n // c)
+    mixing = torch.rand(m, m, generator=g, device=device, dtype=torch.float32)
+    mixing.requires_grad_()
+    if variant == "plain":
         def run():
             return plain_mhla(q, k, v, mixing, m, normalize=normalize)
     else:
-        c = spec["block_size"] if variant.startswith("mhla") else n
-        m = -(-n // c)
-        mixing = torch.rand(m, m, generator=g, device=device, dtype=torch.float32)
-        mixing.requires_grad_()
         backend = variant.split("-", 1)[1] if variant.startswith("mhla") else "torch"
 
         def run():
             return mhla(q, k, v, mixing, c, causal=causal, normalize=normalize,
                         backend=backend)
+    return run, (q, k, v, mixing), do
 
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the resident-set high-water mark
-    try:
-        run().backward(do)
-        sync()
-    except (torch.cuda.OutOfMemoryError, MemoryError):
-        return {"status": "oom"}
-    peak = (torch.cuda.max_memory_allocated() if cuda else _rss("VmHWM")) - mem_before
 
-    def timed(fn) -> float:
+def _timer(spec: dict):
+    import torch
+
+    cuda = spec["device"].startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def timed(fn, repeats: int) -> float:
         # A sample runs `fn` often enough to last ~20 ms: a single millisecond-sized call
         # measures the clock and the scheduler as much as the operator.
         sync()
@@ -118,7 +107,7 @@ def measure(spec: dict) -> dict:
         sync()
         inner = max(1, int(0.02 / max(time.perf_counter() - t0, 1e-6)))
         times = []
-        for _ in range(spec["repeats"]):
+        for _ in range(repeats):
             sync()
             t0 = time.perf_counter()
             for _ in range(inner):
@@ -127,19 +116,68 @@ def measure(spec: dict) -> dict:
             times.append((time.perf_counter() - t0) / inner)
         return sorted(times)[len(times) // 2]
 
+    return timed
+
+
+def _phases(run, inputs, do):
+    import torch
+
     def fwd():
         with torch.no_grad():
             run()
 
     def fwd_bwd():
-        for x in (q, k, v):
+        for x in inputs:
             x.grad = None
         run().backward(do)
 
+    return fwd, fwd_bwd
+
+
+def measure_pair(spec: dict) -> dict:
+    """The time ratio of `spec["variants"]` [a, b], measured in one process, alternating a
+    and b round by round (the ratio a side-by-side comparison quotes)."""
+    timed = _timer(spec)
+    phases = [_phases(*_make_run(spec, v)) for v in spec["variants"]]
+    for fwd, fwd_bwd in phases:
+        fwd_bwd()
+        fwd()
+    best = {(i, p): float("inf") for i in range(2) for p in range(2)}
+    for _ in range(spec["repeats"]):
+        for i, fns in enumerate(phases):
+            for p, fn in enumerate(fns):
+                best[i, p] = min(best[i, p], timed(fn, 1))
+    return {"status": "ok", "fwd_ratio": best[0, 0] / best[1, 0],
+            "fwdbwd_ratio": best[0, 1] / best[1, 1]}
+
+
+def measure(spec: dict) -> dict:
+    """One variant in this fresh process: the peak memory of its first forward+backward,
+    then the median forward and forward+backward times."""
+    import torch
+
+    cuda = spec["device"].startswith("cuda")
+    mem_before = torch.cuda.memory_allocated() if cuda else _rss("VmRSS")
+    run, inputs, do = _make_run(spec, spec["variant"])
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the resident-set high-water mark
+    try:
+        run().backward(do)
+        if cuda:
+            torch.cuda.synchronize()
+    except (torch.cuda.OutOfMemoryError, MemoryError):
+        return {"status": "oom"}
+    peak = (torch.cuda.max_memory_allocated() if cuda else _rss("VmHWM")) - mem_before
+    timed = _timer(spec)
+    fwd, fwd_bwd = _phases(run, inputs, do)
     fwd()
-    elem = q.element_size()
-    io = 2 * b * n * h * (2 * d + 2 * d) * elem
-    return {"status": "ok", "fwd_ms": 1e3 * timed(fwd), "fwdbwd_ms": 1e3 * timed(fwd_bwd),
+    b, n, h, d = spec["batch"], spec["n"], spec["heads"], spec["dim"]
+    io = 2 * b * n * h * (2 * d + 2 * d) * do.element_size()
+    return {"status": "ok", "fwd_ms": 1e3 * timed(fwd, spec["repeats"]),
+            "fwdbwd_ms": 1e3 * timed(fwd_bwd, spec["repeats"]),
             "peak_bytes": peak, "io_bytes": io, "peak_over_io": peak / io}
 
 
@@ -237,31 +275,39 @@ def noncausal_sweep(args) -> list[dict]:
             for normalize in (False, True):
                 pair = [f"mhla-{be}" for be in backends(args.device)] + ["plain"]
                 turn += 1
+                common = dict(base, sweep=f"M={m}" + ("" if normalize else " unnorm"), n=n,
+                              block_size=max(n // m, 1), num_blocks=m, normalize=normalize)
                 for variant in pair if turn % 2 else pair[::-1]:
-                    spec = dict(base, sweep=f"M={m}" + ("" if normalize else " unnorm"),
-                                variant=variant, n=n, block_size=max(n // m, 1),
-                                num_blocks=m, normalize=normalize)
+                    spec = dict(common, variant=variant)
                     result = run_child(spec, args.timeout)
                     rows.append({**spec, **result})
                     log.info("%-12s %-12s N=%-6d %s", spec["sweep"], variant, n,
                              result.get("status"))
+                # the ratio itself: both in one process, alternating
+                pair_spec = dict(common, variant="mhla-torch vs plain",
+                                 variants=["mhla-torch", "plain"])
+                result = run_child(pair_spec, args.timeout)
+                rows.append({**pair_spec, **result})
     return rows
 
 
 def noncausal_targets(rows) -> dict:
     """mhla / plain, forward and forward+backward, the worst over every N and M."""
-    ratios = {"fwd": [], "fwdbwd": []}
+    ratios = {"fwd": [], "fwdbwd": [], "peak": []}
     for r in rows:
         if r["variant"] != "mhla-torch" or r.get("status") != "ok":
             continue
-        p = next((x for x in rows if x["variant"] == "plain" and x.get("status") == "ok"
-                  and (x["n"], x["sweep"]) == (r["n"], r["sweep"])), None)
-        if p is not None:
-            r["over_plain_fwd"] = r["fwd_ms"] / p["fwd_ms"]
-            r["over_plain_fwdbwd"] = r["fwdbwd_ms"] / p["fwdbwd_ms"]
-            r["peak_over_plain"] = r["peak_bytes"] / max(p["peak_bytes"], 1)
-            ratios["fwd"].append(r["over_plain_fwd"])
-            ratios["fwdbwd"].append(r["over_plain_fwdbwd"])
+        same = [x for x in rows if x.get("status") == "ok"
+                and (x["n"], x["sweep"]) == (r["n"], r["sweep"])]
+        p = next((x for x in same if x["variant"] == "plain"), None)
+        pair = next((x for x in same if "variants" in x), None)
+        if p is None or pair is None:
+            continue
+        r["over_plain_fwd"], r["over_plain_fwdbwd"] = pair["fwd_ratio"], pair["fwdbwd_ratio"]
+        r["peak_over_plain"] = r["peak_bytes"] / max(p["peak_bytes"], 1)
+        for key in ("fwd", "fwdbwd"):
+            ratios[key].append(r[f"over_plain_{key}"])
+        ratios["peak"].append(r["peak_over_plain"])
     out = {f"noncausal_{k}_over_plain_max": {"value": max(v), "limit": 1.0}
            for k, v in ratios.items() if v}
     for t in out.values():
@@ -302,8 +348,8 @@ def table(rows) -> str:
            f"{'fwd+bwd ms':>12}{'peak MiB':>10}{'peak/io':>9}  status"
     lines = [head, "-" * len(head)]
     order = {"fixed-block": 0, "fixed-count": 1, "baseline": 2}
-    for r in sorted(rows, key=lambda r: (r["n"], order.get(r["sweep"], 3), r["sweep"],
-                                         r["variant"])):
+    for r in sorted((r for r in rows if "variants" not in r),
+                    key=lambda r: (r["n"], order.get(r["sweep"], 3), r["sweep"], r["variant"])):
         ok = r.get("status") == "ok"
         fwd, fb, peak, ratio = (
             (f"{r['fwd_ms']:.2f}", f"{r['fwdbwd_ms']:.2f}", f"{r['peak_bytes'] / 2**20:.0f}",
@@ -326,6 +372,7 @@ def plot(rows, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 5))
+    rows = [r for r in rows if "variants" not in r]  # ratio-only rows
     series = sorted({(r["sweep"], r["variant"]) for r in rows})
     for sweep_name, variant in series:
         pts = sorted((r["n"], r["fwdbwd_ms"]) for r in rows if r.get("status") == "ok"
@@ -382,7 +429,8 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.child:
-        print(json.dumps(measure(json.loads(args.child))))
+        spec = json.loads(args.child)
+        print(json.dumps(measure_pair(spec) if "variants" in spec else measure(spec)))
         return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     rows = noncausal_sweep(args) if args.non_causal else sweep(args)

@@ -3,7 +3,6 @@ the quadratic reference: batches of two, dv != d, shared and per-head Mc, normal
 not, every gradient; and the heads-first path still serves what they do not fit."""
 
 import pytest
-import torch
 
 from mhla_kernels import mhla, mhla_reference
 from tests.kernels.inputs import make_inputs
