@@ -115,6 +115,10 @@ class TrainConfig:
     eval_interval: int = 0
     eval_steps: int = 10
     max_nonfinite_steps: int = 5
+    # A step (with its eval and save) running past this many seconds stops every rank,
+    # with each thread's stack dumped; also the process groups' collective timeout.
+    # 0: no step watchdog (collectives time out after 30 minutes).
+    timeout_s: float = 1800.0
 
 
 @dataclass

@@ -112,6 +112,7 @@ def validate(cfg: Config) -> None:
     _check_at_least(out, "train.steps", cfg.train.steps, 1)
     _check_at_least(out, "train.grad_accum", cfg.train.grad_accum, 1)
     _check_at_least(out, "train.max_nonfinite_steps", cfg.train.max_nonfinite_steps, 1)
+    _check_at_least(out, "train.timeout_s", cfg.train.timeout_s, 0)
     _check_at_least(out, "checkpoint.interval", cfg.checkpoint.interval, 0)
     _check_at_least(out, "checkpoint.keep_last", cfg.checkpoint.keep_last, 1)
     _check_at_least(out, "logging.interval", cfg.logging.interval, 1)

@@ -47,7 +47,20 @@ def init_distributed(backend: str | None = None, timeout_minutes: float = 30) ->
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restart == 0:
+        dist.init_process_group(backend, timeout=timeout)
+        return
+    # torchrun's agent keeps one store across restarts and gloo finds its peers through
+    # it: under the same keys a restarted rank can read a dead peer's address and fail
+    # with "connection refused". Each restart gets keys of its own.
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=not agent_store and rank == 0, timeout=timeout)
+    dist.init_process_group(backend, store=dist.PrefixStore(f"mhla_restart_{restart}", store),
+                            rank=rank, world_size=world, timeout=timeout)
 
 
 def check_layout(
@@ -129,11 +142,14 @@ def build_topology(
     seq_len: int | None = None,
     block_size: int | None = None,
     backend: str | None = None,
+    timeout_s: float | None = None,
 ) -> Topology:
-    """Initialise torch.distributed if needed and megatron-core's groups for `tp`, `cp`."""
+    """Initialise torch.distributed if needed and megatron-core's groups for `tp`, `cp`.
+    `timeout_s` bounds every collective of the groups it creates (default 30 minutes)."""
     from megatron.core import parallel_state as ps
 
-    init_distributed(backend)
+    minutes = 30 if not timeout_s else timeout_s / 60
+    init_distributed(backend, timeout_minutes=minutes)
     world = dist.get_world_size()
     dp = check_layout(world, tp, cp, num_heads=num_heads, seq_len=seq_len,
                       block_size=block_size)
@@ -150,7 +166,7 @@ def build_topology(
         # would double the group creation for nothing.
         ps.initialize_model_parallel(
             tensor_model_parallel_size=tp, context_parallel_size=cp,
-            create_gloo_process_groups=False,
+            create_gloo_process_groups=False, distributed_timeout_minutes=minutes,
         )
     backend_name = dist.get_backend()
     device = (torch.device("cuda", torch.cuda.current_device()) if backend_name == "nccl"

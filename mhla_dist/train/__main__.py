@@ -36,10 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from .trainer import Trainer
+    from .trainer import PREEMPTED_EXIT_CODE, Trainer
 
-    Trainer(cfg).train()
-    return 0
+    status = Trainer(cfg).train()
+    return PREEMPTED_EXIT_CODE if status == "preempted" else 0
 
 
 if __name__ == "__main__":

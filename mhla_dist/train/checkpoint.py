@@ -35,6 +35,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .integrity import CheckpointCorruptError, check_checkpoint, write_manifest
+
 log = logging.getLogger("mhla_dist.train")
 LATEST = "latest"
 
@@ -56,9 +58,14 @@ def _saved_step(path: Path) -> int:
     return torch.load(path / "trainer_state" / f"rank{0:05d}.pt", weights_only=False)["step"]
 
 
-def find_resume(ckpt_dir: Path, resume: str) -> Path | None:
+def find_resume(ckpt_dir: Path, resume: str, *, verify: bool = True) -> Path | None:
     """The checkpoint folder to resume from: `latest` (resume=auto), a given folder, or
-    None (resume=none, or nothing complete yet)."""
+    None (resume=none, or nothing complete yet).
+
+    With `verify` every candidate is checked against its manifest (`integrity.py`):
+    resume=PATH fails naming the bad file; resume=auto falls back from `latest` to the
+    newest earlier checkpoint that verifies, with a warning naming what it skipped, and
+    fails when none does (resume=none starts from scratch on purpose)."""
     if resume == "none":
         return None
     if resume != "auto":
@@ -67,6 +74,8 @@ def find_resume(ckpt_dir: Path, resume: str) -> Path | None:
             raise FileNotFoundError(
                 f"resume={resume!r} is not a complete checkpoint folder (no trainer_state/ "
                 f"inside); give a folder like {ckpt_dir / tag_for(100)} or resume=auto")
+        if verify:
+            check_checkpoint(path)
         own = ckpt_dir / LATEST
         newest = ckpt_dir / own.read_text().strip() if own.is_file() else None
         if newest is not None and newest.is_dir():
@@ -90,11 +99,24 @@ def find_resume(ckpt_dir: Path, resume: str) -> Path | None:
     if newer:
         log.warning("ignoring checkpoint folders %s newer than latest=%s (incomplete saves)",
                     newer, tag)
-    path = ckpt_dir / tag
-    if not path.is_dir():
-        log.warning("'latest' names %s, which does not exist; starting from scratch", tag)
-        return None
-    return path
+    skipped = []
+    for candidate in [tag, *sorted((t for t in tags if t < tag), reverse=True)]:
+        path = ckpt_dir / candidate
+        if not path.is_dir():
+            skipped.append(f"{candidate} (named by 'latest', does not exist)")
+            continue
+        if verify:
+            try:
+                check_checkpoint(path)
+            except CheckpointCorruptError as exc:
+                skipped.append(str(exc))
+                continue
+        if skipped:
+            log.warning("resuming from %s, the newest checkpoint that verifies; skipped: %s",
+                        path, "; ".join(skipped))
+        return path
+    raise CheckpointCorruptError(f"no checkpoint in {ckpt_dir} can be resumed: "
+                                 + "; ".join(skipped) + " (resume=none starts from scratch)")
 
 
 def rng_state() -> dict:
@@ -121,33 +143,64 @@ def _aside(path: Path) -> Path:
     return path.with_name(f"{path.name}.replaced-{k}")
 
 
+class CheckpointSaveError(RuntimeError):
+    pass
+
+
 def save_checkpoint(engine, ckpt_dir: Path, step: int, trainer_state: dict, keep_last: int,
-                    config_yaml: str, param_group_names: list[list[str]] | None = None
-                    ) -> Path:
+                    config_yaml: str, param_group_names: list[list[str]] | None = None,
+                    *, device: torch.device | None = None, fault=None) -> Path:
     """Save on every rank; returns the checkpoint folder. `param_group_names` (the names of
     the optimizer's parameter groups, in order) go into DeepSpeed's model states, where a
     ZeRO-0 mixed-precision checkpoint's fp32 masters are stored by group position only.
 
-    Every rank writes into `.stepXXXXXXXX.saving`; after a barrier rank 0 renames it to
-    `stepXXXXXXXX` and only then points `latest` at it. A folder of that name already
-    there (a run resumed from an earlier step, maybe at another layout, reaching it again)
-    is renamed `stepXXXXXXXX.replaced-K`, never written into: old and new files would mix.
+    Every rank writes into `.stepXXXXXXXX.saving`; after a barrier rank 0 writes the
+    manifest (`integrity.py`), renames the folder to `stepXXXXXXXX` and only then points
+    `latest` at it. A folder of that name already there (a run resumed from an earlier
+    step, maybe at another layout, reaching it again) is renamed
+    `stepXXXXXXXX.replaced-K`, never written into: old and new files would mix.
+
+    A rank whose writes raise (a full disk) makes the save fail on every rank: the staging
+    folder is removed, `latest` stays where it was, and `CheckpointSaveError` names the
+    failed ranks (the trainer stops with it). `fault` (`faults.FaultInjector`) is the
+    tests' way to make a rank fail here.
     """
     tag = tag_for(step)
     staging = ckpt_dir / f".{tag}.saving"
-    if dist.get_rank() == 0:
+    rank = dist.get_rank()
+    if rank == 0:
         shutil.rmtree(staging, ignore_errors=True)  # what a crashed save left
     dist.barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=staging.name,
                            client_state={"step": step, "iteration": step,
                                          "param_group_names": param_group_names},
                            save_latest=False)
-    (staging / "trainer_state").mkdir(parents=True, exist_ok=True)
-    torch.save(trainer_state, staging / "trainer_state" / f"rank{dist.get_rank():05d}.pt")
-    dist.barrier()
+    error = None
+    try:
+        (staging / "trainer_state").mkdir(parents=True, exist_ok=True)
+        if fault is not None:
+            fault.at_save(step)
+        torch.save(trainer_state, staging / "trainer_state" / f"rank{rank:05d}.pt")
+    except OSError as exc:
+        error = exc
+    failed = torch.zeros(dist.get_world_size(), device=device)
+    failed[rank] = error is not None
+    dist.all_reduce(failed)
+    if failed.any():
+        ranks = failed.nonzero().flatten().tolist()
+        if rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+        dist.barrier()
+        latest = ckpt_dir / LATEST
+        where = latest.read_text().strip() if latest.is_file() else "nothing yet"
+        raise CheckpointSaveError(
+            f"saving the step-{step} checkpoint failed on rank(s) {ranks}"
+            + (f": {error}" if error is not None else "")
+            + f"; nothing was kept of it and 'latest' still names {where}") from error
     path = ckpt_dir / tag
-    if dist.get_rank() == 0:
+    if rank == 0:
         (staging / "config.yaml").write_text(config_yaml)
+        write_manifest(staging)
         if path.exists():
             aside = _aside(path)
             os.replace(path, aside)

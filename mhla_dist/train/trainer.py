@@ -17,13 +17,21 @@ One optimizer step, read top to bottom in `train_step`:
    skips in a row stop the run.
 The logged loss is the global mean of the step; evaluation scores the same eval batches
 (and, for the DiT, the same noise and timesteps) every time.
+
+Preemption: SIGTERM or SIGUSR1 on any rank sets a flag that rides on the step's closing
+all-reduce; every rank then saves a complete checkpoint of that step and `train()`
+returns "preempted" (`python -m mhla_dist.train` exits with `PREEMPTED_EXIT_CODE`). A
+step past `train.timeout_s` stops the rank with its stacks dumped (`watchdog.py`).
 """
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import random
 import resource
+import shutil
+import signal
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -36,7 +44,15 @@ from mhla_dist.config import Config, LMConfig, config_to_yaml
 from mhla_dist.convert.universal import universal_checkpoint_info
 from mhla_dist.parallel import DeepSpeedMPU, Topology, build_topology
 
-from .checkpoint import find_resume, load_trainer_state, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (
+    find_resume,
+    load_trainer_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    tag_for,
+)
+from .faults import FaultInjector
 from .master_weights import master_state_dict, set_master_weights
 from .metrics_log import MetricsLogger, NullLogger
 from .param_groups import apply_hyperparameters, param_groups
@@ -51,8 +67,13 @@ from .start import (
 )
 from .step_gate import OptimizerStepGate
 from .tasks import make_task
+from .watchdog import StepWatchdog
 
 log = logging.getLogger("mhla_dist.train")
+# EX_TEMPFAIL: stopped on a preemption signal after a complete checkpoint; resume=auto
+# continues from it.
+PREEMPTED_EXIT_CODE = 75
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -99,8 +120,10 @@ class Trainer:
         self.topo: Topology = build_topology(
             cfg.parallel.tp, cfg.parallel.cp, num_heads=m.num_heads,  # DiT: checked by config
             seq_len=(cfg.data.seq_len or m.max_seq_len) if lm else None,
-            block_size=m.block_size if lm else None)
+            block_size=m.block_size if lm else None, timeout_s=cfg.train.timeout_s)
         deepspeed.init_distributed(dist_backend=self.topo.backend)
+        self.faults = FaultInjector(self.topo.rank)
+        self._signal: int | None = None
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         if self.topo.is_main:
@@ -110,7 +133,7 @@ class Trainer:
         _seed_everything(cfg.train.seed)  # the same initial weights on every rank
         self.task = make_task(cfg, self.topo)
         model = self.task.build_model()
-        resume = find_resume(self.ckpt_dir, cfg.resume)
+        resume = self._find_resume()
         self.start = plan_start(cfg, resume, self.topo)
         initial = load_weights(self.start, model, cfg, self.topo)
         # Which tensors are split over TP, for DeepSpeed's universal checkpoint converter.
@@ -140,6 +163,26 @@ class Trainer:
                        if self.topo.is_main else NullLogger())
 
     # ------------------------------------------------------------------ checkpoints
+    def _find_resume(self) -> Path | None:
+        """Rank 0 finds (and verifies: every file hashed once) the checkpoint to resume;
+        the others take its answer, or its error."""
+        answer = [None]
+        if self.topo.is_main:
+            for stale in (self.ckpt_dir.glob(".step*.saving") if self.ckpt_dir.is_dir()
+                          else []):
+                log.warning("removing %s: a save that did not finish", stale)
+                shutil.rmtree(stale, ignore_errors=True)
+            try:
+                found = find_resume(self.ckpt_dir, self.cfg.resume)
+                answer = [("ok", None if found is None else str(found))]
+            except (OSError, RuntimeError) as exc:
+                answer = [("error", f"{type(exc).__name__}: {exc}")]
+        dist.broadcast_object_list(answer, src=0)
+        kind, value = answer[0]
+        if kind == "error":
+            raise RuntimeError(value)
+        return None if value is None else Path(value)
+
     def trainer_state(self) -> dict:
         return {"step": self.step, "skipped": self.skipped,
                 "nonfinite_streak": self.nonfinite_streak,
@@ -156,7 +199,8 @@ class Trainer:
     def save(self) -> Path:
         return save_checkpoint(self.engine, self.ckpt_dir, self.step, self.trainer_state(),
                                self.cfg.checkpoint.keep_last, config_to_yaml(self.cfg),
-                               self.param_group_names)
+                               self.param_group_names, device=self.topo.device,
+                               fault=self.faults)
 
     # ------------------------------------------------------------------ the step
     def _all_reduce(self, values: list[torch.Tensor | float], group=None) -> torch.Tensor:
@@ -191,8 +235,9 @@ class Trainer:
             if i < len(micro) - 1:
                 self.engine.step()
         finite = torch.isfinite(loss_sum)
-        bad, total = self._all_reduce(
-            [(~finite).double(), torch.where(finite, self._replica_sum(loss_sum), 0.0)]).tolist()
+        bad, total, preempt = self._all_reduce(
+            [(~finite).double(), torch.where(finite, self._replica_sum(loss_sum), 0.0),
+             float(self._signal is not None)]).tolist()
         skipped = bad > 0
         grad_norm = None
         if cfg.zero.stage == 0 and not skipped:
@@ -207,7 +252,7 @@ class Trainer:
             grad_norm = self.engine.get_global_grad_norm()
         return {"loss": float("nan") if skipped else total / float(count), "lr": lr,
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                "skipped": skipped}
+                "skipped": skipped, "preempt": preempt > 0}
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -234,7 +279,25 @@ class Trainer:
         return loss_sum / max(count_sum, 1.0)
 
     # ------------------------------------------------------------------ the loop
-    def train(self) -> None:
+    def _on_signal(self, signum, frame) -> None:
+        if self._signal is None:
+            log.warning("rank %d received %s: saving a checkpoint at the end of this step, "
+                        "then stopping", self.topo.rank, signal.Signals(signum).name)
+        self._signal = signum  # a second signal changes nothing: the save goes on
+
+    def train(self) -> str:
+        """Train to `train.steps`; returns "done", or "preempted" after a preemption
+        signal (a complete checkpoint of the step reached was saved)."""
+        previous = {s: signal.signal(s, self._on_signal) for s in PREEMPTION_SIGNALS}
+        watchdog = StepWatchdog(self.cfg.train.timeout_s, self.topo.rank)
+        try:
+            return self._train(watchdog)
+        finally:
+            watchdog.stop()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _train(self, watchdog: StepWatchdog) -> str:
         cfg = self.cfg
         batches = iter(self.train_loader)
         samples, tokens = self.task.samples_and_tokens()
@@ -243,7 +306,15 @@ class Trainer:
         flops = self.task.flops_per_token()
         window_start, window_steps, window_losses = time.perf_counter(), 0, []
         while self.step < cfg.train.steps:
-            out = self.train_step(batches)
+            watchdog.beat(self.step + 1)
+            self.faults.at_step(self.step + 1)
+            try:
+                out = self.train_step(batches)
+            except RuntimeError:  # e.g. a collective that timed out waiting for a peer
+                log.error("rank %d: step %d failed; every thread's stack follows",
+                          self.topo.rank, self.step + 1)
+                faulthandler.dump_traceback(all_threads=True)
+                raise
             self.step += 1
             window_steps += 1
             if not out["skipped"]:
@@ -279,12 +350,21 @@ class Trainer:
                     metrics["eval_loss"] = self.evaluate()
                 self.logger.log(self.step, metrics)
                 window_start, window_steps, window_losses = time.perf_counter(), 0, []
-            if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
+            saved = bool(cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0)
+            if saved:
                 self.save()
+            if out["preempt"]:
+                path = self.ckpt_dir / tag_for(self.step) if saved else self.save()
+                log.warning("preempted: stopped after step %d with its checkpoint %s complete; "
+                            "resume=auto continues from it (exit code %d)", self.step, path,
+                            PREEMPTED_EXIT_CODE)
+                self.logger.close()
+                return "preempted"
         if not cfg.checkpoint.interval or self.step % cfg.checkpoint.interval:
             self.save()
         self.save_consolidated(self.run_dir / "model.safetensors")
         self.logger.close()
+        return "done"
 
     def save_consolidated(self, path: Path) -> None:
         """The full fp32 master weights (from ZeRO's fp32 partitions or DeepSpeed's bf16

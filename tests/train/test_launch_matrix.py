@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -37,13 +36,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.train.launching import ROOT, launch_env
 from tests.train.runs import TINY_DIT_RUN, TINY_RUN
 
-ROOT = Path(__file__).resolve().parents[2]
 CAPTION_DIM = 8
-# Rendezvous variables an earlier in-process test may have left behind; a launch that
-# inherited them would try to join that (gone) process group.
-RENDEZVOUS_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 @dataclass(frozen=True)
@@ -103,15 +99,6 @@ def datasets(tmp_path_factory) -> dict[str, dict[str, str]]:
 
 
 # ---------------------------------------------------------------- launching
-
-def launch_env(nproc: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARS}
-    env["OMP_NUM_THREADS"] = "1"
-    env["PYTHON"] = sys.executable  # launch/torchrun.sh's interpreter
-    if nproc > 1:
-        env["NPROC_PER_NODE"] = str(nproc)
-    return env
-
 
 def run_checked(cmd: list[str], nproc: int = 1) -> subprocess.CompletedProcess:
     """Run `cmd` in the repo root; fail with the command and the output's tail unless it
