@@ -1,10 +1,11 @@
-"""Faults of a real cluster, through `launch/torchrun.sh` on 2 CPU processes (CP = 2):
+"""Faults of a real cluster, through `launch/torchrun.sh` on 2 CPU processes (CP = 2).
 
-| fault | injected by | the run |
-|---|---|---|
-| preemption | SIGTERM (twice) to the launcher, no checkpoint due | saves the step it is in, exits 75; resume=auto ends bit-equal to an unbroken run |
-| a rank dies | MHLA_FAULT=kill@1:5 (SIGKILL), `--max-restarts 1` | torchrun restarts both; they resume from step 4 and end bit-equal to an unbroken run |
-| a rank hangs | MHLA_FAULT=stall@1:3, train.timeout_s=6 | both ranks stop within the timeout, naming step 3, with every thread's stack |
+- Preemption: SIGTERM (twice) to the launcher, with no checkpoint due. The run saves the
+  step it is in and exits 75; `resume=auto` then ends bit-equal to an unbroken run.
+- A rank dies: MHLA_FAULT=kill@1:5 (SIGKILL) with `--max-restarts 1`. torchrun restarts
+  both ranks; they resume from step 4 and end bit-equal to an unbroken run.
+- A rank hangs: MHLA_FAULT=stall@1:3 with train.timeout_s=6. Both ranks stop within the
+  timeout, naming step 3, with every thread's stack.
 """
 
 import json
