@@ -1,6 +1,6 @@
 """Faults of a real cluster, through `launch/torchrun.sh` on 2 CPU processes (CP = 2).
 
-- Preemption: SIGTERM (twice) to the launcher, with no checkpoint due. The run saves the
+- Preemption: SIGTERM or SIGUSR1 (twice) to the launcher, with no checkpoint due. The run saves the
   step it is in and exits 75; `resume=auto` then ends bit-equal to an unbroken run.
 - A rank dies: MHLA_FAULT=kill@1:5 (SIGKILL) with `--max-restarts 1`. torchrun restarts
   both ranks; they resume from step 4 and end bit-equal to an unbroken run.
@@ -64,11 +64,21 @@ def _overrides(data, run_dir, *extra):
             f"run_dir={run_dir}", *extra]
 
 
-def test_sigterm_preempts_with_a_checkpoint_and_resume_is_bit_exact(tmp_path, data):
-    steps = ["train.steps=300", "checkpoint.interval=0"]  # no periodic checkpoint due
-    env = launch_env(2)
-    _ok(_run(torchrun_command(CONFIG, _overrides(data, tmp_path / "ref", *steps)), env))
+PREEMPT_STEPS = ["train.steps=300", "checkpoint.interval=0"]  # no periodic checkpoint due
 
+
+@pytest.fixture(scope="module")
+def unbroken(tmp_path_factory, data):
+    run_dir = tmp_path_factory.mktemp("unbroken") / "run"
+    _ok(_run(torchrun_command(CONFIG, _overrides(data, run_dir, *PREEMPT_STEPS)),
+             launch_env(2)))
+    return run_dir
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_a_signal_preempts_with_a_checkpoint_and_resume_is_bit_exact(tmp_path, data,
+                                                                     unbroken, sig):
+    steps, env = PREEMPT_STEPS, launch_env(2)
     run_dir = tmp_path / "pre"
     proc = subprocess.Popen(torchrun_command(CONFIG, _overrides(data, run_dir, *steps)),
                             cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -77,9 +87,9 @@ def test_sigterm_preempts_with_a_checkpoint_and_resume_is_bit_exact(tmp_path, da
     while len(_rows(run_dir)) < 3:
         assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)  # a second signal during the save changes nothing
+    proc.send_signal(sig)  # a second signal during the save changes nothing
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 75, out[-3000:]
     stopped = _latest(run_dir)
@@ -90,7 +100,7 @@ def test_sigterm_preempts_with_a_checkpoint_and_resume_is_bit_exact(tmp_path, da
 
     out = _ok(_run(torchrun_command(CONFIG, _overrides(data, run_dir, *steps)), env))
     assert f"resumed from {run_dir / 'checkpoints' / stopped}" in out
-    _assert_same_weights(tmp_path / "ref", run_dir)
+    _assert_same_weights(unbroken, run_dir)
 
 
 def test_a_killed_rank_is_restarted_and_the_run_ends_as_an_unbroken_one(tmp_path, data):
