@@ -58,11 +58,11 @@ def _saved_step(path: Path) -> int:
     return torch.load(path / "trainer_state" / f"rank{0:05d}.pt", weights_only=False)["step"]
 
 
-def find_resume(ckpt_dir: Path, resume: str, *, verify: bool = True) -> Path | None:
+def find_resume(ckpt_dir: Path, resume: str) -> Path | None:
     """The checkpoint folder to resume from: `latest` (resume=auto), a given folder, or
     None (resume=none, or nothing complete yet).
 
-    With `verify` every candidate is checked against its manifest (`integrity.py`):
+    Every candidate is checked against its manifest (`integrity.py`):
     resume=PATH fails naming the bad file; resume=auto falls back from `latest` to the
     newest earlier checkpoint that verifies, with a warning naming what it skipped, and
     fails when none does (resume=none starts from scratch on purpose)."""
@@ -74,8 +74,7 @@ def find_resume(ckpt_dir: Path, resume: str, *, verify: bool = True) -> Path | N
             raise FileNotFoundError(
                 f"resume={resume!r} is not a complete checkpoint folder (no trainer_state/ "
                 f"inside); give a folder like {ckpt_dir / tag_for(100)} or resume=auto")
-        if verify:
-            check_checkpoint(path)
+        check_checkpoint(path)
         own = ckpt_dir / LATEST
         newest = ckpt_dir / own.read_text().strip() if own.is_file() else None
         if newest is not None and newest.is_dir():
@@ -105,12 +104,11 @@ def find_resume(ckpt_dir: Path, resume: str, *, verify: bool = True) -> Path | N
         if not path.is_dir():
             skipped.append(f"{candidate} (named by 'latest', does not exist)")
             continue
-        if verify:
-            try:
-                check_checkpoint(path)
-            except CheckpointCorruptError as exc:
-                skipped.append(str(exc))
-                continue
+        try:
+            check_checkpoint(path)
+        except CheckpointCorruptError as exc:
+            skipped.append(str(exc))
+            continue
         if skipped:
             log.warning("resuming from %s, the newest checkpoint that verifies; skipped: %s",
                         path, "; ".join(skipped))

@@ -75,10 +75,9 @@ class DiTTask:
         self.step, self.micro = step, micro
 
     def _generator(self) -> torch.Generator:
-        # Integers only: Python salts the hash of strings per process.
-        key = ((self.cfg.train.seed, self.step, self.micro, self.topo.dp_rank)
-               if self.step is not None
-               else (self.cfg.train.seed, -1, self.micro, self.topo.dp_rank))
+        # Integers only: Python salts the hash of strings per process. Eval is step -1.
+        step = -1 if self.step is None else self.step
+        key = (self.cfg.train.seed, step, self.micro, self.topo.dp_rank)
         return torch.Generator().manual_seed(hash(key) % 2**62)
 
     def count(self, batch: dict) -> int:

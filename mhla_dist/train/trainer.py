@@ -50,7 +50,6 @@ from .checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
-    tag_for,
 )
 from .faults import FaultInjector
 from .master_weights import master_state_dict, set_master_weights
@@ -350,11 +349,11 @@ class Trainer:
                     metrics["eval_loss"] = self.evaluate()
                 self.logger.log(self.step, metrics)
                 window_start, window_steps, window_losses = time.perf_counter(), 0, []
-            saved = bool(cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0)
-            if saved:
-                self.save()
+            path = None
+            if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
+                path = self.save()
             if out["preempt"]:
-                path = self.ckpt_dir / tag_for(self.step) if saved else self.save()
+                path = path or self.save()
                 log.warning("preempted: stopped after step %d with its checkpoint %s complete; "
                             "resume=auto continues from it (exit code %d)", self.step, path,
                             PREEMPTED_EXIT_CODE)
