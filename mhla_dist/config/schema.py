@@ -41,6 +41,8 @@ class LMConfig:
     norm_eps: float = 1e-6
     init_std: float = 0.02
     activation_checkpointing: bool = False
+    # Tokens per chunk of the fused head + cross-entropy (default: 32 MiB of fp32 logits).
+    loss_chunk_tokens: int | None = None
 
 
 @dataclass

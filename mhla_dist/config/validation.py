@@ -73,6 +73,8 @@ def _check_lm(m: LMConfig, cfg: Config, out: list[str]) -> None:
     if bad_layers:
         out.append(f"model.softmax_layers={list(m.softmax_layers)} has indices outside "
                    f"[0, {m.num_layers})")
+    if m.loss_chunk_tokens is not None:
+        _check_at_least(out, "model.loss_chunk_tokens", m.loss_chunk_tokens, 1)
     tp, cp = cfg.parallel.tp, cfg.parallel.cp
     if tp >= 1 and m.num_heads % tp:
         out.append(f"parallel.tp={tp} does not divide model.num_heads={m.num_heads}")

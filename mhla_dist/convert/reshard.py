@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mhla_dist.parallel.tp_state import load_full_state_dict, split_dim
+from mhla_dist.parallel.tp_state import full_rows, load_full_state_dict, split_dim
 
 from .files import read_consolidated
 from .model_spec import ConversionError, ModelConfig, ParamInfo, check_state
@@ -31,14 +31,15 @@ _FREE_KEYS = {"activation_checkpointing"}
 
 
 def full_layout(module: nn.Module, tp: int) -> dict[str, ParamInfo]:
-    """Full shapes of a TP-sharded module's parameters (split dims times `tp`); a ZeRO-3
-    partitioned parameter's shape is its `ds_shape`."""
+    """Full shapes of a TP-sharded module's parameters (split dims times `tp`, less a
+    vocab-parallel parameter's padding); a ZeRO-3 partitioned parameter's shape is its
+    `ds_shape`."""
     layout = {}
     for name, p in module.named_parameters():
         dim = split_dim(p)
         shape = list(getattr(p, "ds_shape", p.shape))
         if dim is not None:
-            shape[dim] *= tp
+            shape[dim] = full_rows(p, tp)
         layout[name] = ParamInfo(tuple(shape), dim)
     return layout
 

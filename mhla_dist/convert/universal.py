@@ -55,15 +55,17 @@ _OPTIM = re.compile(r"_optim_states\.pt$")
 def universal_checkpoint_info(module: nn.Module) -> dict:
     """DeepSpeed's `universal_checkpoint_info` for a TP-sharded module: which parameters are
     replicated over TP and which are split along dim 1 (row-parallel); the rest split
-    along dim 0, DeepSpeed's default."""
+    along dim 0, DeepSpeed's default; vocab-parallel ones with their real vocabulary size."""
     from deepspeed.checkpoint.constants import (
+        ORIGINAL_VOCAB_SIZE,
         PARAMETER_WITH_ROW_PARALLELISM_PATTERNS,
         TP_REPLICATED_PARAMETER_PATTERNS,
         UNIVERSAL_CHECKPOINT_VERSION_KEY,
         UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        VOCABULARY_PARAMETER_PATTERNS,
     )
 
-    replicated, rows = [], []
+    replicated, rows, vocab, vocab_size = [], [], [], set()
     for name, p in module.named_parameters():
         dim = split_dim(p)
         pattern = re.escape(name) + "$"
@@ -74,9 +76,17 @@ def universal_checkpoint_info(module: nn.Module) -> dict:
         elif dim != 0:
             raise ValueError(f"{name} is split over TP along dim {dim}; universal checkpoints "
                              "support dims 0 and 1")
-    return {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        if getattr(p, "padded_rows_of", None):
+            # DeepSpeed drops the padding rows when it merges, and pads at the new TP degree.
+            vocab.append(pattern)
+            vocab_size.add(p.padded_rows_of)
+    info = {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE,
             TP_REPLICATED_PARAMETER_PATTERNS: replicated,
             PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: rows}
+    if vocab:
+        (info[ORIGINAL_VOCAB_SIZE],) = vocab_size
+        info[VOCABULARY_PARAMETER_PATTERNS] = vocab
+    return info
 
 
 def is_universal(folder: str | Path) -> bool:

@@ -119,7 +119,8 @@ def _zero0_fp32_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def merge_tp_shards(shards: list[dict[str, torch.Tensor]], layout: dict) -> dict[str, torch.Tensor]:
-    """Concatenate TP shards along each parameter's split dim (layout: `ParamInfo`s)."""
+    """Concatenate TP shards along each parameter's split dim (layout: `ParamInfo`s), the
+    padding rows of a vocab-parallel tensor dropped (the layout holds the real size)."""
     tp = len(shards)
     for rank, shard in enumerate(shards):
         missing = [n for n in layout if n not in shard]
@@ -136,7 +137,11 @@ def merge_tp_shards(shards: list[dict[str, torch.Tensor]], layout: dict) -> dict
                                       f"shapes {sorted(shapes)}")
             merged[name] = parts[0]
         else:
-            merged[name] = torch.cat(parts, dim=info.partition_dim)
+            full = torch.cat(parts, dim=info.partition_dim)
+            excess = full.shape[info.partition_dim] - info.shape[info.partition_dim]
+            if 0 < excess < tp:  # a vocab-parallel tensor's padding rows (< one per rank)
+                full = full.narrow(info.partition_dim, 0, info.shape[info.partition_dim])
+            merged[name] = full
     return merged
 
 

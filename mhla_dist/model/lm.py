@@ -20,9 +20,11 @@ from torch.utils.checkpoint import checkpoint
 from mhla_dist.config import LMConfig, resolve_lm
 from mhla_dist.parallel.softmax_attention import ParallelSoftmaxAttention
 from mhla_dist.parallel.tp_layers import ParallelMHLAttention, ParallelSwiGLU
+from mhla_dist.parallel.vocab_parallel import VocabParallelEmbedding, VocabParallelHead
 from mhla_kernels import causal_mixing
 
 from .layers import RMSNorm
+from .linear_cross_entropy import linear_cross_entropy
 
 
 def token_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100):
@@ -69,40 +71,66 @@ class DecoderLayer(nn.Module):
 class MHLALanguageModel(nn.Module):
     """Causal LM over this rank's token slice `[B, N_local]` -> logits `[B, N_local, V]`.
 
-    The embedding, final norm and head are replicated on TP ranks (they see the same
-    all-reduced hidden states, so their gradients agree without communication).
+    The embedding and the head are vocab-parallel over TP (each rank holds `1/TP` of the
+    vocabulary rows, padded to a multiple of TP: `parallel/vocab_parallel.py`); the final
+    norm is replicated (it sees the same all-reduced hidden states on every TP rank).
     """
 
     def __init__(self, cfg: LMConfig, *, tp_group=None, cp_group=None) -> None:
         super().__init__()
         self.cfg = cfg = resolve_lm(cfg)
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        nn.init.normal_(self.embed.weight, std=cfg.init_std)
+        self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size,
+                                            init_std=cfg.init_std, tp_group=tp_group)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, tp_group=tp_group, cp_group=cp_group)
                                     for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.head = None
         if not cfg.tie_embeddings:
-            self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-            nn.init.normal_(self.head.weight, std=cfg.init_std)
+            self.head = VocabParallelHead(cfg.vocab_size, cfg.hidden_size,
+                                          init_std=cfg.init_std, tp_group=tp_group)
+
+    def _vocab(self):
+        """The module holding the head's rows (the embedding when tied)."""
+        return self.embed if self.head is None else self.head
+
+    def head_weight(self) -> torch.Tensor:
+        """This TP rank's `[V_local, hidden]` rows of the head."""
+        return self._vocab().weight
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        weight = self.embed.weight if self.head is None else self.head.weight
-        return F.linear(self.norm(h), weight)
+        """Full `[..., V]` logits of hidden states (gathered over TP)."""
+        vocab = self._vocab()
+        return vocab.full_logits(F.linear(self.norm(h), vocab.weight))
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The last layer's output (before the final norm) `[B, N_local, hidden]`."""
         h = self.embed(tokens)
         for layer in self.layers:
             if self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
                 h = checkpoint(layer, h, use_reentrant=False)
             else:
                 h = layer(h)
-        return self.logits(h)
+        return h
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
+                ignore_index: int = -100):
+        """Logits `[B, N_local, V]`; with `targets`, the loss `(sum, count)` instead, by
+        the chunked head + cross-entropy that never holds the logits (`loss`)."""
+        h = self.hidden_states(tokens)
+        if targets is None:
+            return self.logits(h)
+        vocab = self._vocab()
+        return linear_cross_entropy(self.norm(h), vocab.weight, targets,
+                                    ignore_index=ignore_index,
+                                    chunk_tokens=self.cfg.loss_chunk_tokens,
+                                    tp_group=vocab.tp_group if vocab.tp > 1 else None,
+                                    vocab_size=self.cfg.vocab_size)
 
     def loss(self, tokens: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100):
         """`(sum of token cross-entropies, number of target tokens)` on this rank: the
-        trainer divides by the global count (DESIGN §2)."""
-        return token_loss(self(tokens), targets, ignore_index)
+        trainer divides by the global count (DESIGN §2). Equal to `token_loss` of the
+        logits, without holding them."""
+        return self(tokens, targets, ignore_index)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -1,7 +1,8 @@
 """Full (TP-gathered) weights of a tensor-parallel module, and loading them back.
 
 megatron-core marks split parameters with `tensor_model_parallel`, `partition_dim`; the
-others are replicated on every TP rank. The full state is the same whatever the TP
+others are replicated on every TP rank. A vocab-parallel parameter's full tensor drops its
+padding rows (`padded_rows_of`), and slicing it pads them back with zeros. The full state is the same whatever the TP
 degree, so it is what checkpoints convert through and what tests compare.
 """
 
@@ -19,6 +20,16 @@ def split_dim(param: nn.Parameter) -> int | None:
     return param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
 
 
+def full_rows(param: nn.Parameter, tp: int) -> int | None:
+    """The full size of a split parameter's split dim: `tp` shards, less the padding of a
+    vocab-parallel parameter (`padded_rows_of`, `vocab_parallel.py`); None if replicated."""
+    dim = split_dim(param)
+    if dim is None:
+        return None
+    return getattr(param, "padded_rows_of", None) or tuple(
+        getattr(param, "ds_shape", param.shape))[dim] * tp
+
+
 def gather_tp_tensors(module: nn.Module, tensors: dict[str, torch.Tensor], tp_group):
     """Gather `{param name: local tensor}` (weights or their grads) to full tensors."""
     params = dict(module.named_parameters())
@@ -29,7 +40,8 @@ def gather_tp_tensors(module: nn.Module, tensors: dict[str, torch.Tensor], tp_gr
             out[name] = t.detach().clone()
         else:
             full, _ = all_gather_dim0(t.detach().movedim(dim, 0), tp_group)
-            out[name] = full.movedim(0, dim).contiguous()
+            rows = full_rows(params[name], dist.get_world_size(tp_group))
+            out[name] = full[:rows].movedim(0, dim).contiguous()
     return out
 
 
@@ -48,6 +60,11 @@ def tp_slice(param: nn.Parameter, full: torch.Tensor, tp_group, name: str = "") 
     shape; a ZeRO-3 parameter's own shape is its `ds_shape`)."""
     tp, rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
     dim = split_dim(param)
+    padded = getattr(param, "padded_rows_of", None)
+    if dim is not None and padded is not None and full.shape[dim] == padded:
+        shape = list(full.shape)
+        shape[dim] = -(-padded // tp) * tp - padded
+        full = torch.cat([full, full.new_zeros(shape)], dim=dim)  # the padding rows
     local = full if dim is None else full.chunk(tp, dim=dim)[rank]
     shape = tuple(getattr(param, "ds_shape", param.shape))
     if tuple(local.shape) != shape:

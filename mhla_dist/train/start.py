@@ -121,6 +121,23 @@ def load_weights(plan: StartPlan, model: torch.nn.Module, cfg: Config,
     return {k: v.float() for k, v in state.items()}
 
 
+def _padded_vocab_partition(resolve):
+    """DeepSpeed's AutoTP slicing of a full universal tensor, which knows no vocabulary
+    padding: a vocab-parallel parameter (`padded_rows_of`) gets its padding rows back
+    (zeros) before the split, as DeepSpeed's ZeRO-1/2 loader does for its vocab tensors."""
+
+    def slice_for_rank(param, ckpt_dict, full, tp_rank, tp_size, *args, **kwargs):
+        rows = getattr(param, "padded_rows_of", None)
+        if rows is None:
+            return resolve(param, ckpt_dict, full, tp_rank, tp_size, *args, **kwargs)
+        full = full.view(rows, -1)
+        full = torch.cat([full, full.new_zeros(-(-rows // tp_size) * tp_size - rows,
+                                               full.shape[1])])
+        return full.chunk(tp_size)[tp_rank].flatten()
+
+    return slice_for_rank
+
+
 @contextlib.contextmanager
 def _zero3_tp_slicing(module: torch.nn.Module, cfg: Config, topo: Topology):
     """DeepSpeed's ZeRO-3 takes each TP rank's slice of a universal checkpoint's tensors
@@ -139,12 +156,15 @@ def _zero3_tp_slicing(module: torch.nn.Module, cfg: Config, topo: Topology):
         setattr(p, DS_AUTOTP_UC_META, {"partition_dim": info.partition_dim,
                                        "logical_shape": info.shape,
                                        "replicated": info.partition_dim is None})
-    saved = groups._TENSOR_MODEL_PARALLEL_GROUP
+    from deepspeed.checkpoint import universal_checkpoint as uc
+
+    saved, resolve = groups._TENSOR_MODEL_PARALLEL_GROUP, uc._resolve_autotp_partition
     groups._TENSOR_MODEL_PARALLEL_GROUP = topo.tp_group
+    uc._resolve_autotp_partition = _padded_vocab_partition(resolve)
     try:
         yield
     finally:
-        groups._TENSOR_MODEL_PARALLEL_GROUP = saved
+        groups._TENSOR_MODEL_PARALLEL_GROUP, uc._resolve_autotp_partition = saved, resolve
         for p in module.parameters():
             delattr(p, DS_AUTOTP_UC_META)
 

@@ -43,9 +43,7 @@ class LMTask:
         local = cp_slice(batch, self.topo.cp_rank, self.topo.cp)
         tokens = local["input_ids"].to(self.topo.device)
         targets = local["labels"].to(self.topo.device)
-        from mhla_dist.model.lm import token_loss
-
-        return token_loss(engine(tokens), targets, IGNORE_INDEX)
+        return engine(tokens, targets, IGNORE_INDEX)
 
     def count(self, batch: dict) -> int:
         """This rank's target tokens (padding excluded) in `batch`."""

@@ -10,7 +10,9 @@ from tests.model.lm_helpers import tiny_lm_config, token_batch
 from tests.numerics import rel_err
 from tests.parallel.harness import run_ranks
 
-CASES = {"mhla": {}, "hybrid-perhead": {"softmax_layers": [1], "per_head_mixing": True}}
+CASES = {"mhla": {}, "hybrid-perhead": {"softmax_layers": [1], "per_head_mixing": True},
+         # A vocabulary that TP does not divide: padded rows, vocab-parallel untied head.
+         "untied-ragged-vocab": {"tie_embeddings": False, "vocab_size": 51}}
 
 
 def lm_rank_fn(rank, world, tp, cp):
@@ -46,9 +48,52 @@ def lm_rank_fn(rank, world, tp, cp):
     return errs
 
 
-@pytest.mark.parametrize("tp,cp", [(1, 2), (2, 1), (2, 2)], ids=["cp2", "tp2", "tp2xcp2"])
+@pytest.mark.parametrize("tp,cp", [(1, 2), (2, 1), (2, 2), (4, 1)],
+                         ids=["cp2", "tp2", "tp2xcp2", "tp4"])
 def test_parallel_lm_equals_single_process(tp, cp):
     for rank, errs in enumerate(run_ranks(lm_rank_fn, tp * cp, tp, cp)):
         assert len(errs) > 20
         bad = {k: f"{v:.2e}" for k, v in errs.items() if not v < 1e-10}
         assert not bad, f"rank {rank}: {bad}"
+
+
+def vocab_rank_fn(rank, world):
+    from mhla_dist.model.lm import MHLALanguageModel
+    from mhla_dist.parallel import build_topology
+    from mhla_dist.parallel.tp_state import full_state_dict, load_full_state_dict
+
+    topo = build_topology(tp=world)
+    solo = [dist.new_group([r]) for r in range(world)][rank]
+    cfg = tiny_lm_config(vocab_size=51, tie_embeddings=False)
+    torch.manual_seed(0)
+    model = MHLALanguageModel(cfg, tp_group=topo.tp_group).double()
+    torch.manual_seed(0)
+    ref = MHLALanguageModel(cfg, tp_group=solo).double()
+    full = full_state_dict(model, topo.tp_group)
+    tokens, targets = token_batch(vocab=51)
+    logits = model(tokens)
+    loss = model.loss(tokens, targets)[0]
+    loss.backward()
+    prompt = tokens[:, :5]
+    out = {"shapes": {k: tuple(v.shape) for k, v in full.items()},
+           "same_init": all(torch.equal(full[k], v) for k, v in ref.named_parameters()),
+           "local_rows": model.embed.weight.shape[0],
+           "pad_grad": model.head.weight.grad[51 - model.head.start:],  # rank 1: row 51
+           "logits_err": rel_err(logits, ref(tokens)),
+           "generated": model.generate(prompt, 6, temperature=0),
+           "ref_generated": ref.generate(prompt, 6, temperature=0)}
+    load_full_state_dict(ref, full, solo)
+    return out
+
+
+def test_vocab_parallel_shards_pads_and_gathers():
+    """TP = 2 with a 51-token vocabulary: 26 rows per rank (one padding row on the last),
+    the full weights are 51 rows and equal the single-process model's for the same seed,
+    the gathered logits and greedy generation equal it, the padding row gets no gradient."""
+    for rank, out in enumerate(run_ranks(vocab_rank_fn, 2)):
+        assert out["shapes"]["embed.weight"] == (51, 32) == out["shapes"]["head.weight"]
+        assert out["same_init"] and out["local_rows"] == 26
+        assert out["logits_err"] < 1e-12
+        assert torch.equal(out["generated"], out["ref_generated"])
+        if rank == 1:
+            assert out["pad_grad"].shape[0] == 1 and not out["pad_grad"].any()
