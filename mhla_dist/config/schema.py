@@ -78,6 +78,15 @@ class OptimConfig:
 @dataclass
 class ZeroConfig:
     stage: int = 0
+    # DeepSpeed's zero_optimization options (stages 1-3), with its GPU recommendations:
+    # gradient reduction overlapped with the backward, gradients copied into one buffer.
+    overlap_comm: bool = True
+    contiguous_gradients: bool = True
+    reduce_bucket_size: int = 500_000_000  # elements
+    allgather_bucket_size: int = 500_000_000  # elements (stages 1-2)
+    # Gradient reduction dtype (DeepSpeed's communication_data_type) of bf16 runs; fp32
+    # runs always reduce in fp32.
+    reduce_dtype: str = "fp32"  # fp32 | bf16
 
 
 @dataclass

@@ -45,10 +45,11 @@ class LMTask:
         targets = local["labels"].to(self.topo.device)
         return engine(tokens, targets, IGNORE_INDEX)
 
-    def count(self, batch: dict) -> int:
-        """This rank's target tokens (padding excluded) in `batch`."""
+    def count(self, batch: dict) -> torch.Tensor:
+        """This rank's target tokens (padding excluded) in `batch`, counted on the host
+        batch (no device sync)."""
         local = cp_slice(batch, self.topo.cp_rank, self.topo.cp)
-        return int((local["labels"] != IGNORE_INDEX).sum())
+        return (local["labels"] != IGNORE_INDEX).sum()
 
     def set_position(self, step: int | None, micro: int) -> None:
         """Which step and micro-batch the next `loss` belongs to (unused: no sampling)."""

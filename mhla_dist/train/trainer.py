@@ -79,6 +79,28 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+def zero_config(cfg: Config) -> dict:
+    z, bf16 = cfg.zero, cfg.train.precision == "bf16"
+    out = {"stage": z.stage}
+    if z.stage > 0:
+        out.update(overlap_comm=z.overlap_comm, contiguous_gradients=z.contiguous_gradients,
+                   reduce_bucket_size=z.reduce_bucket_size)
+        if z.stage < 3:
+            out["allgather_bucket_size"] = z.allgather_bucket_size
+    return out
+
+
+def precision_config(cfg: Config) -> dict:
+    """bf16 runs keep fp32 masters (DeepSpeed's bf16 optimizers) and reduce gradients in
+    `zero.reduce_dtype`; their gradient accumulation dtype is DeepSpeed's: fp32
+    (`data_types.grad_accum_dtype`) only at ZeRO-1, where DeepSpeed's BF16_Optimizer
+    supports it (DeepSpeed 0.19 refuses it at ZeRO-0; ZeRO-2/3 accumulate into their
+    reduced partitions)."""
+    if cfg.train.precision != "bf16":
+        return {"bf16": {"enabled": False}}
+    return {"bf16": {"enabled": True}, "communication_data_type": cfg.zero.reduce_dtype}
+
+
 def deepspeed_config(cfg: Config, start: StartPlan | None = None) -> dict:
     o = cfg.optim
     return {
@@ -90,8 +112,8 @@ def deepspeed_config(cfg: Config, start: StartPlan | None = None) -> dict:
         "optimizer": {"type": "AdamW", "params": {
             "lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay,
             "torch_adam": True}},
-        "zero_optimization": {"stage": cfg.zero.stage},
-        "bf16": {"enabled": cfg.train.precision == "bf16"},
+        "zero_optimization": zero_config(cfg),
+        **precision_config(cfg),
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -213,14 +235,17 @@ class Trainer:
         TP rank 0 contributes to a sum taken over every rank."""
         return value if self.topo.tp_rank == 0 else torch.zeros_like(value)
 
-    def train_step(self, batches) -> dict:
+    def train_step(self, batches, want_grad_norm: bool = True) -> dict:
+        """One optimizer step; its one blocking host sync is the closing all-reduce (the
+        grad norm, wanted for logging only, may add DeepSpeed's own)."""
         cfg, topo = self.cfg, self.topo
         lr = learning_rate(self.step, cfg.train.steps, cfg.optim.lr, cfg.schedule)
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
         micro = [next(batches) for _ in range(cfg.train.grad_accum)]
-        # At least 1: a step whose every target is padding gives zero gradients, not NaN.
-        count = self._all_reduce([float(sum(self.task.count(b) for b in micro))],
+        # Known from the (host) targets before any forward: one all-reduce for the step,
+        # at least 1 (a step whose every target is padding gives zero gradients, not NaN).
+        count = self._all_reduce([sum(self.task.count(b) for b in micro)],
                                  topo.dp_cp_group)[0].clamp(min=1)
         loss_sum = torch.zeros((), dtype=torch.float64, device=topo.device)
         for i, batch in enumerate(micro):
@@ -234,12 +259,13 @@ class Trainer:
             if i < len(micro) - 1:
                 self.engine.step()
         finite = torch.isfinite(loss_sum)
-        bad, total, preempt = self._all_reduce(
+        closing = self._all_reduce(
             [(~finite).double(), torch.where(finite, self._replica_sum(loss_sum), 0.0),
-             float(self._signal is not None)]).tolist()
+             float(self._signal is not None)])
+        bad, total, preempt, count = torch.cat([closing, count.view(1)]).tolist()  # the sync
         skipped = bad > 0
         grad_norm = None
-        if cfg.zero.stage == 0 and not skipped:
+        if want_grad_norm and cfg.zero.stage == 0 and not skipped:
             # ZeRO's optimizers report the norm; plain data parallelism does not.
             from deepspeed.runtime.utils import get_flattened_grad_norm
 
@@ -247,9 +273,9 @@ class Trainer:
                                                 mpu=self.engine.mpu)
         with self.step_gate.skipping(skipped):
             self.engine.step()
-        if grad_norm is None and not skipped:
+        if want_grad_norm and grad_norm is None and not skipped:
             grad_norm = self.engine.get_global_grad_norm()
-        return {"loss": float("nan") if skipped else total / float(count), "lr": lr,
+        return {"loss": float("nan") if skipped else total / count, "lr": lr,
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                 "skipped": skipped, "preempt": preempt > 0}
 
@@ -307,8 +333,12 @@ class Trainer:
         while self.step < cfg.train.steps:
             watchdog.beat(self.step + 1)
             self.faults.at_step(self.step + 1)
+            eval_due = bool(cfg.train.eval_interval and self.eval_loader is not None
+                            and (self.step + 1) % cfg.train.eval_interval == 0)
+            log_due = (eval_due or (self.step + 1) % cfg.logging.interval == 0
+                       or self.step + 1 == cfg.train.steps)
             try:
-                out = self.train_step(batches)
+                out = self.train_step(batches, want_grad_norm=log_due)
             except RuntimeError:  # e.g. a collective that timed out waiting for a peer
                 log.error("rank %d: step %d failed; every thread's stack follows",
                           self.topo.rank, self.step + 1)
@@ -330,10 +360,7 @@ class Trainer:
             else:
                 self.nonfinite_streak = 0
             self.logger.progress(self.step, cfg.train.steps, out["loss"])
-            eval_due = bool(cfg.train.eval_interval and self.eval_loader is not None
-                            and self.step % cfg.train.eval_interval == 0)
-            if (eval_due or self.step % cfg.logging.interval == 0
-                    or self.step == cfg.train.steps):
+            if log_due:
                 elapsed = time.perf_counter() - window_start
                 per_s = window_steps / max(elapsed, 1e-9)
                 # The mean over the steps since the last row: one step's loss is noisy.

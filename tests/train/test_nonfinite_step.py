@@ -40,11 +40,11 @@ def _rank_fn(rank, world, overrides, bad_step, bad_micro):
         trainer.task_micro = micro
         set_position(step_, micro)
 
-    def watched_step(batches):
+    def watched_step(batches, **kwargs):
         if trainer.step == bad_step:
             seen["before"] = (master_state_dict(trainer.engine, trainer.topo.tp_group),
                               _optimizer_state(trainer.engine))
-        out = step(batches)
+        out = step(batches, **kwargs)
         if trainer.step == bad_step:
             seen["after"] = (master_state_dict(trainer.engine, trainer.topo.tp_group),
                              _optimizer_state(trainer.engine))
