@@ -8,6 +8,11 @@ deprecated `all_gather_into_tensor` / `reduce_scatter_tensor` before), so they r
 gloo (CPU) and NCCL (GPU) alike; `torch.distributed.nn.functional.all_gather` is avoided
 because it returns wrong gradients on gloo for non-contiguous incoming gradients.
 
+`start_gather` begins an all-gather to overlap with other work; `start_gather_packed`
+gathers several tensors (context parallelism's `S` and `z`) as one buffer, copied once
+into its send buffer and handed on as views of the received one, and packs their
+gradients into one buffer for the reduce-scatter: one copy each way, of what moves.
+
 `comm_stats` counts the bytes every collective here moves (the size of the gathered
 tensor for an all-gather, of the reduced input for a reduce-scatter), so benchmarks and
 metrics can report them.
@@ -15,7 +20,9 @@ metrics can report them.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
+from collections.abc import Sequence
 from contextlib import contextmanager
 
 import torch
@@ -109,17 +116,19 @@ class _ReduceScatterToGroup(torch.autograd.Function):
 
 
 class _GatheredFrom(torch.autograd.Function):
-    """Attach an already gathered buffer to the autograd graph of the local piece."""
+    """Attach an already gathered buffer (dim 0 the gathered dim) to the autograd graph of
+    the local piece. The buffer is returned itself: it is not an input of the Function,
+    so it needs no copy to become an output."""
 
     @staticmethod
-    def forward(ctx, x, gathered, dim, group):
-        ctx.dim, ctx.group = dim, group
-        return gathered.movedim(0, dim).clone()
+    def forward(ctx, x, pending, dim):
+        ctx.dim, ctx.group = dim, pending.group
+        return pending.received()
 
     @staticmethod
     def backward(ctx, grad):
-        local = reduce_scatter_dim0(grad.movedim(ctx.dim, 0), ctx.group).movedim(0, ctx.dim)
-        return local, None, None, None
+        local = reduce_scatter_dim0(grad, ctx.group).movedim(0, ctx.dim)
+        return local, None, None
 
 
 def gather_from_group(x: torch.Tensor, dim: int, group) -> torch.Tensor:
@@ -170,20 +179,131 @@ class PendingGather:
     """
 
     def __init__(self, x: torch.Tensor, dim: int, group) -> None:
-        self._x, self._dim, self._group = x, dim, group
+        self._x, self._dim, self.group = x, dim, group
         if _size(group) == 1:
             self._out, self._work = None, None
         else:
             self._out, self._work = all_gather_dim0(x.detach().movedim(dim, 0), group,
                                                     async_op=True)
 
+    def received(self) -> torch.Tensor:
+        """The gathered buffer (dim 0 gathered), once; only for `_GatheredFrom`."""
+        out, self._out = self._out, None
+        return out
+
     def wait(self) -> torch.Tensor:
-        if self._out is None:
+        if self._work is None:
             return self._x
         self._work.wait()
-        return _GatheredFrom.apply(self._x, self._out, self._dim, self._group)
+        return _GatheredFrom.apply(self._x, self, self._dim).movedim(0, self._dim)
 
 
 def start_gather(x: torch.Tensor, dim: int, group) -> PendingGather:
     """Begin an all-gather of `x` along `dim` without waiting for it."""
     return PendingGather(x, dim, group)
+
+
+class _PackedLayout:
+    """Where each of several tensors sits in one buffer `[n, *rest, width]`: the shared
+    leading dims with the gathered one first, then every part's trailing dims flattened,
+    side by side. Views of such a buffer take the parts' shapes (strided)."""
+
+    def __init__(self, parts, dim: int, lead: int) -> None:
+        shared = parts[0].shape[:lead]
+        if not 0 <= dim < lead or any(p.shape[:lead] != shared for p in parts):
+            raise ValueError(
+                f"packed gather of shapes {[tuple(p.shape) for p in parts]} along dim {dim}: "
+                f"the parts must share their first lead={lead} dims, and dim be one of them"
+            )
+        if any(p.dtype != parts[0].dtype or p.device != parts[0].device for p in parts):
+            raise ValueError("packed gather: the parts must share one dtype and device")
+        self.dim, self.rest = dim, tuple(shared[:dim] + shared[dim + 1:])
+        self.trails = [tuple(p.shape[lead:]) for p in parts]
+        self.widths = [math.prod(t) for t in self.trails]
+        self.dtype, self.device = parts[0].dtype, parts[0].device
+
+    def new_buffer(self, n: int) -> torch.Tensor:
+        return torch.empty((n, *self.rest, sum(self.widths)), dtype=self.dtype,
+                           device=self.device)
+
+    def views(self, buf: torch.Tensor) -> list[torch.Tensor]:
+        """The parts' views of `buf` (`[n, *rest, width]`), shaped like the parts with `n`
+        in place of the gathered dim."""
+        out, start = [], 0
+        for trail, width in zip(self.trails, self.widths, strict=True):
+            piece = buf[..., start : start + width].view(*buf.shape[:-1], *trail)
+            out.append(piece.movedim(0, self.dim))
+            start += width
+        return out
+
+
+class _GatheredPacked(torch.autograd.Function):
+    """The received buffer of a packed gather as views, one per part, attached to the
+    autograd graph of the local parts. The views are of a buffer that is no input of the
+    Function, so they need no copy (and, as outputs of a Function, must not be modified
+    in place). Backward packs the parts' gradients into one buffer of the collective's
+    layout, the only copy, and reduce-scatters it; the local gradients are views of the
+    result."""
+
+    @staticmethod
+    def forward(ctx, pending, *parts):
+        ctx.layout, ctx.group = pending.layout, pending.group
+        ctx.set_materialize_grads(False)  # an unused part's gradient is zeroed in place
+        received = pending.received()
+        ctx.gathered = received.shape[0]
+        return tuple(pending.layout.views(received))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        # Every rank reduce-scatters, whichever gradients it has.
+        packed = ctx.layout.new_buffer(ctx.gathered)
+        for piece, grad in zip(ctx.layout.views(packed), grads, strict=True):
+            if grad is None:
+                piece.zero_()
+            else:
+                piece.copy_(grad)
+        local = reduce_scatter_dim0(packed, ctx.group)
+        return (None, *ctx.layout.views(local))
+
+
+class PendingPackedGather:
+    """Several tensors all-gathered as one buffer, in flight: see `start_gather_packed`."""
+
+    def __init__(self, parts: Sequence[torch.Tensor], dim: int, group, lead: int) -> None:
+        self._parts, self.group = tuple(parts), group
+        self.layout = _PackedLayout(self._parts, dim, lead)
+        self._out, self._work = None, None
+        if _size(group) > 1:
+            send = self.layout.new_buffer(self._parts[0].shape[dim])
+            with torch.no_grad():  # the send buffer is no part of the graph: see wait()
+                for piece, part in zip(self.layout.views(send), self._parts, strict=True):
+                    piece.copy_(part)
+            self._out, self._work = all_gather_dim0(send, group, async_op=True)
+
+    def received(self) -> torch.Tensor:
+        """The gathered buffer, once; only for `_GatheredPacked`."""
+        out, self._out = self._out, None
+        return out
+
+    def wait(self) -> tuple[torch.Tensor, ...]:
+        if self._work is None:
+            return self._parts
+        self._work.wait()
+        return _GatheredPacked.apply(self, *self._parts)
+
+
+def start_gather_packed(
+    parts: Sequence[torch.Tensor], dim: int, group, *, lead: int
+) -> PendingPackedGather:
+    """Begin one all-gather of several tensors along `dim`, packed into one buffer.
+
+    The parts share their first `lead` dims (`dim` among them), dtype and device; each
+    part's other dims are flattened and the parts laid side by side in a send buffer
+    `[n, *others, width]` with the gathered dim first. Packing it is the one copy: the
+    receive buffer `[P n, *others, width]` is then in rank order along dim 0 with no
+    reordering. `wait()` returns one view of it per part, shaped like the part with `dim`
+    P times longer (strided; not to be modified in place), and differentiable with
+    respect to the parts: backward packs their gradients into one buffer of the same
+    layout (the one copy) and reduce-scatters it back to the owners.
+    """
+    return PendingPackedGather(parts, dim, group, lead)

@@ -7,6 +7,13 @@ the intra-block terms computed while it is in flight -> mix with this rank's row
 reduce-scattered back to their owners (the adjoint of the gather). The traffic per rank is
 the `M x H x d x (dv + 1)` summaries, independent of `N` for a fixed number of blocks.
 
+What is copied (`start_gather_packed`; tests/parallel/test_cp_copies.py counts it): forward,
+the local `S`, `z` once into the send buffer, block-major `[m, B, H, d*dv + d]` so that
+the all-gather's dim 0 is the block axis; the received `[M, B, H, d*dv + d]` buffer is not
+copied again: `S`, `z` of all blocks are strided views of it, which the mix's GEMMs read in
+place. Backward, the mix's gradients of those views are packed once into a buffer of the
+same layout, which is reduce-scattered; the local gradients are views of its result.
+
 `Mc` is replicated: each rank's `mixing.grad` holds the rows of its own blocks (and, for
 causal, its diagonal entries), so the sum over the CP group -- which the data-parallel
 reduction over DP x CP performs -- is the single-device gradient.
@@ -26,7 +33,7 @@ from mhla_kernels import (
     resolve_backend,
 )
 
-from .collectives import start_gather
+from .collectives import start_gather_packed
 
 
 def resolve_cp_group(group=None):
@@ -88,18 +95,15 @@ def cp_mhla(
     local_blocks = check_cp_shard(q.shape[1], cp, block_size, mixing.shape[-1])
     block_start = rank * local_blocks
     s, z = block_summaries(k, v, block_size)  # [B, m, H, d, dv], [B, m, H, d]
-    b, m, h, d, dv = s.shape
-    # One collective for both summaries: pack z beside the flattened S.
-    pending = start_gather(torch.cat([s.reshape(b, m, h, d * dv), z], dim=-1), 1, group)
+    # One collective for both summaries, block-major: [m, B, H, d*dv + d] packed once.
+    pending = start_gather_packed((s, z), 1, group, lead=3)
     intra = None
     if causal and resolve_backend("auto", q, v) == "torch":
         # While the gather is in flight: the causal intra-block terms need no other block.
         # (The Triton backend fuses them into its output kernel, which needs the mix.)
         intra = block_outputs_intra(q, k, v, mixing, block_size, normalize=normalize,
                                     block_start=block_start)
-    gathered = pending.wait()  # [B, M, H, d*dv + d]
-    s_all = gathered[..., : d * dv].reshape(b, m * cp, h, d, dv)
-    z_all = gathered[..., d * dv:]
+    s_all, z_all = pending.wait()  # [B, M, H, d, dv], [B, M, H, d]: views of the buffer
     t, y = mix_summaries(s_all, z_all, mixing, causal=causal, block_start=block_start,
                          num_rows=local_blocks)
     return block_outputs(q, k, v, t, y, mixing, block_size, causal=causal,

@@ -80,7 +80,7 @@ class NonFiniteLossError(RuntimeError):
 
 
 def zero_config(cfg: Config) -> dict:
-    z, bf16 = cfg.zero, cfg.train.precision == "bf16"
+    z = cfg.zero
     out = {"stage": z.stage}
     if z.stage > 0:
         out.update(overlap_comm=z.overlap_comm, contiguous_gradients=z.contiguous_gradients,
