@@ -2,8 +2,9 @@
 
 megatron-core marks split parameters with `tensor_model_parallel`, `partition_dim`; the
 others are replicated on every TP rank. A vocab-parallel parameter's full tensor drops
-its padding rows (`padded_rows_of`), and slicing it pads them back with zeros. The full state is the same whatever the TP
-degree, so it is what checkpoints convert through and what tests compare.
+its padding rows (`padded_rows_of`), and slicing it pads them back with zeros. The full
+state is the same whatever the TP degree, so it is what checkpoints convert through and
+what tests compare.
 """
 
 from __future__ import annotations
