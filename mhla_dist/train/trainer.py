@@ -91,14 +91,17 @@ def zero_config(cfg: Config) -> dict:
 
 
 def precision_config(cfg: Config) -> dict:
-    """bf16 runs keep fp32 masters (DeepSpeed's bf16 optimizers) and reduce gradients in
-    `zero.reduce_dtype`; their gradient accumulation dtype is DeepSpeed's: fp32
-    (`data_types.grad_accum_dtype`) only at ZeRO-1, where DeepSpeed's BF16_Optimizer
-    supports it (DeepSpeed 0.19 refuses it at ZeRO-0; ZeRO-2/3 accumulate into their
-    reduced partitions)."""
+    """bf16 runs keep fp32 masters (DeepSpeed's bf16 optimizers), reduce gradients in
+    `zero.reduce_dtype` and, at ZeRO-2/3, accumulate them over micro-batches in fp32
+    (`data_types.grad_accum_dtype`). DeepSpeed 0.19 refuses fp32 accumulation at ZeRO-0,
+    and at ZeRO-1 swaps in its BF16_Optimizer, whose checkpoints its own zero_to_fp32
+    cannot read: those two stages accumulate in bf16."""
     if cfg.train.precision != "bf16":
         return {"bf16": {"enabled": False}}
-    return {"bf16": {"enabled": True}, "communication_data_type": cfg.zero.reduce_dtype}
+    out = {"bf16": {"enabled": True}, "communication_data_type": cfg.zero.reduce_dtype}
+    if cfg.zero.stage >= 2:
+        out["data_types"] = {"grad_accum_dtype": "fp32"}
+    return out
 
 
 def deepspeed_config(cfg: Config, start: StartPlan | None = None) -> dict:

@@ -28,6 +28,14 @@ def test_bf16_reduces_in_fp32_by_default():
     assert "communication_data_type" not in _ds("train.precision=fp32")
 
 
+def test_bf16_accumulates_in_fp32_where_deepspeed_allows():
+    for stage in (2, 3):
+        assert _ds("train.precision=bf16", f"zero.stage={stage}")["data_types"] == \
+            {"grad_accum_dtype": "fp32"}
+    for stage in (0, 1):  # DeepSpeed refuses (0) or swaps in its BF16_Optimizer (1)
+        assert "data_types" not in _ds("train.precision=bf16", f"zero.stage={stage}")
+
+
 def test_bad_zero_values_are_named():
     with pytest.raises(ConfigError, match="zero.reduce_dtype='fp16'"):
         load_config(None, ["zero.reduce_dtype=fp16"])
