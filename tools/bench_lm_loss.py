@@ -88,7 +88,6 @@ def run_child(spec: dict) -> dict:
 
 def agreement(spec: dict) -> dict:
     """Largest relative differences of the loss and of every gradient, fused vs plain."""
-    import torch
 
     from mhla_dist.parallel import build_topology
 
