@@ -30,7 +30,7 @@ TARGET_GIB = 0.3  # the issue: at most 0.3 GiB above the model at N = 8K, V = 32
 VARIANTS = ("plain", "fused")
 
 
-def build(spec: dict):
+def build(spec: dict, group):
     import torch
 
     from mhla_dist.config import LMConfig
@@ -39,7 +39,8 @@ def build(spec: dict):
     cfg = LMConfig(vocab_size=spec["vocab"], hidden_size=spec["hidden"], num_layers=spec["layers"],
                    num_heads=spec["heads"], max_seq_len=spec["n"], num_blocks=spec["blocks"])
     torch.manual_seed(0)
-    model = MHLALanguageModel(cfg).to(spec["device"], getattr(torch, spec["dtype"]))
+    model = MHLALanguageModel(cfg, tp_group=group, cp_group=group)
+    model = model.to(spec["device"], getattr(torch, spec["dtype"]))
     g = torch.Generator().manual_seed(1)
     seq = torch.randint(0, spec["vocab"], (1, spec["n"] + 1), generator=g).to(spec["device"])
     return model, seq[:, :-1], seq[:, 1:]
@@ -54,13 +55,19 @@ def loss_of(model, tokens, targets, variant: str):
 
 
 def child(spec: dict) -> dict:
+
+    from mhla_dist.convert.model_spec import single_rank_groups
+
+    with single_rank_groups() as group:
+        return _measure(spec, build(spec, group))
+
+
+def _measure(spec: dict, built) -> dict:
     import torch
 
-    from mhla_dist.parallel import build_topology
     from tools.peak_memory import PeakMemory
 
-    build_topology()
-    model, tokens, targets = build(spec)
+    model, tokens, targets = built
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     times = []
@@ -89,10 +96,14 @@ def run_child(spec: dict) -> dict:
 def agreement(spec: dict) -> dict:
     """Largest relative differences of the loss and of every gradient, fused vs plain."""
 
-    from mhla_dist.parallel import build_topology
+    from mhla_dist.convert.model_spec import single_rank_groups
 
-    build_topology()
-    model, tokens, targets = build({**spec, "dtype": "float32"})
+    with single_rank_groups() as group:
+        return _agreement(build({**spec, "dtype": "float32"}, group))
+
+
+def _agreement(built) -> dict:
+    model, tokens, targets = built
     results = []
     for variant in VARIANTS:
         model.zero_grad(set_to_none=True)
