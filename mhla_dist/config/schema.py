@@ -49,6 +49,8 @@ class LMConfig:
 class ParallelConfig:
     tp: int = 1
     cp: int = 1  # data parallelism is what the world size leaves
+    # Megatron-style: the residual stream between regions sharded over TP (needs tp > 1).
+    sequence_parallel: bool = False
 
 
 @dataclass

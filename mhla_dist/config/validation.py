@@ -89,6 +89,10 @@ def _check_lm(m: LMConfig, cfg: Config, out: list[str]) -> None:
         elif cp >= 1 and seq % (block * cp):
             out.append(f"data.seq_len={seq} is not a multiple of block size {block} x "
                        f"parallel.cp={cp} (each context-parallel rank holds whole blocks)")
+    n_local = (seq or m.max_seq_len) // max(cp, 1)
+    if cfg.parallel.sequence_parallel and tp >= 2 and n_local % tp:
+        out.append(f"parallel.sequence_parallel=true splits each context-parallel rank's "
+                   f"{n_local} tokens over parallel.tp={tp}: not a multiple")
 
 
 def _check_choice(out, key, value, allowed) -> None:
@@ -106,6 +110,9 @@ def validate(cfg: Config) -> None:
     out: list[str] = []
     _check_at_least(out, "parallel.tp", cfg.parallel.tp, 1)
     _check_at_least(out, "parallel.cp", cfg.parallel.cp, 1)
+    if cfg.parallel.sequence_parallel and cfg.parallel.tp < 2:
+        out.append(f"parallel.sequence_parallel=true shards the sequence over the TP group: "
+                   f"it needs parallel.tp >= 2 (got tp={cfg.parallel.tp})")
     _check_choice(out, "zero.stage", cfg.zero.stage, (0, 1, 2, 3))
     _check_choice(out, "zero.reduce_dtype", cfg.zero.reduce_dtype, ("fp32", "bf16"))
     _check_at_least(out, "zero.reduce_bucket_size", cfg.zero.reduce_bucket_size, 1)
@@ -148,6 +155,12 @@ def validate(cfg: Config) -> None:
         try:
             cfg.model.validate()
             cfg.model.check_parallel(cfg.parallel.tp, cfg.parallel.cp)
+            n_local = cfg.model.num_tokens // cfg.parallel.cp
+            if cfg.parallel.sequence_parallel and cfg.parallel.tp >= 2 \
+                    and n_local % cfg.parallel.tp:
+                out.append(f"parallel.sequence_parallel=true splits each context-parallel "
+                           f"rank's {n_local} tokens over parallel.tp={cfg.parallel.tp}: "
+                           "not a multiple")
         except ValueError as exc:
             out.append(str(exc))
     if out:

@@ -21,8 +21,13 @@ from torch.utils.checkpoint import checkpoint
 
 from mhla_dist.config.dit import DiTConfig
 from mhla_dist.parallel import gather_from_group
+from mhla_dist.parallel.collectives import copy_to_group, gather_for_replicated, split_to_group
 from mhla_dist.parallel.softmax_attention import ParallelSoftmaxAttention
-from mhla_dist.parallel.tp_layers import ParallelGeluMLP, ParallelMHLAttention
+from mhla_dist.parallel.tp_layers import (
+    ParallelGeluMLP,
+    ParallelMHLAttention,
+    sequence_shard_check,
+)
 from mhla_kernels import block_grid_mixing
 
 from .dit_cost import dit_flops_per_sample, dit_num_parameters
@@ -52,28 +57,34 @@ class DiTBlock(nn.Module):
     identity."""
 
     def __init__(self, cfg: DiTConfig, layer: int, *, mixing_init: torch.Tensor,
-                 tp_group, cp_group) -> None:
+                 tp_group, cp_group, sequence_parallel: bool = False) -> None:
         super().__init__()
-        h = cfg.hidden_size
+        h, sp = cfg.hidden_size, sequence_parallel
+        self.tp_group, self.sequence_parallel = tp_group, sp
         self.norm1 = nn.LayerNorm(h, elementwise_affine=False, eps=1e-6)
         self.norm2 = nn.LayerNorm(h, elementwise_affine=False, eps=1e-6)
         self.softmax = layer in cfg.softmax_layers
         if self.softmax:
             self.attn = ParallelSoftmaxAttention(h, cfg.num_heads, cfg.head_dim, causal=False,
-                                                 bias=cfg.bias,
-                                                 tp_group=tp_group, cp_group=cp_group)
+                                                 bias=cfg.bias, tp_group=tp_group,
+                                                 cp_group=cp_group, sequence_parallel=sp)
         else:
             self.attn = ParallelMHLAttention(
                 h, cfg.num_heads, cfg.head_dim, block_size=cfg.block_size,
                 max_blocks=cfg.num_blocks, causal=False, feature=cfg.feature_map,
                 normalize=True, per_head_mixing=cfg.per_head_mixing, mixing_init=mixing_init,
-                bias=cfg.bias, tp_group=tp_group, cp_group=cp_group)
-        self.mlp = ParallelGeluMLP(h, cfg.mlp_hidden_size, bias=cfg.bias, tp_group=tp_group)
+                bias=cfg.bias, tp_group=tp_group, cp_group=cp_group, sequence_parallel=sp)
+        self.mlp = ParallelGeluMLP(h, cfg.mlp_hidden_size, bias=cfg.bias, tp_group=tp_group,
+                                   sequence_parallel=sp)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), _zero_linear(h, 6 * h))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = \
-            self.adaLN_modulation(c).chunk(6, dim=-1)
+        """`x`: this rank's tokens (under SP its TP shard of them), `c` `[B, hidden]`."""
+        modulation = self.adaLN_modulation(c)
+        if self.sequence_parallel:
+            # Applied to this rank's tokens only: the TP ranks' gradients add up.
+            modulation = copy_to_group(modulation, self.tp_group)
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = modulation.chunk(6, dim=-1)
         x = x + gate_a[:, None] * self.attn(modulate(self.norm1(x), shift_a, scale_a))
         return x + gate_m[:, None] * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
 
@@ -102,13 +113,17 @@ class DiT(nn.Module):
             (`mhla_dist.parallel.build_topology`). Single-process use passes a group of one.
     """
 
-    def __init__(self, cfg: DiTConfig, *, tp_group=None, cp_group=None) -> None:
+    def __init__(self, cfg: DiTConfig, *, tp_group=None, cp_group=None,
+                 sequence_parallel: bool = False) -> None:
         super().__init__()
         self.cfg = cfg.validate()
         self.tp_group, self.tp, self.cp_group, self.cp, self.cp_rank = \
             resolve_groups(tp_group, cp_group)
         cfg.check_parallel(self.tp, self.cp)
         h, n_local = cfg.hidden_size, cfg.num_tokens // self.cp
+        sp = self.sequence_parallel = sequence_parallel and self.tp > 1
+        if sp:
+            sequence_shard_check(n_local, self.tp)
         self.token_slice = slice(self.cp_rank * n_local, (self.cp_rank + 1) * n_local)
         self.x_embedder = nn.Linear(cfg.patch_dim, h)
         nn.init.xavier_uniform_(self.x_embedder.weight)
@@ -124,7 +139,7 @@ class DiT(nn.Module):
         mixing = block_grid_mixing(tuple(cfg.block_grid), cfg.mixing_init)
         self.blocks = nn.ModuleList(
             DiTBlock(cfg, i, mixing_init=mixing, tp_group=self.tp_group,
-                     cp_group=self.cp_group) for i in range(cfg.depth))
+                     cp_group=self.cp_group, sequence_parallel=sp) for i in range(cfg.depth))
         self.final_layer = FinalLayer(h, cfg.patch_dim)
 
     @property
@@ -196,12 +211,16 @@ class DiT(nn.Module):
         noise feed a bf16 engine."""
         tokens_local = tokens_local.to(self.dtype)
         x = self.x_embedder(tokens_local) + self.pos_embed[self.token_slice].to(self.dtype)
+        if self.sequence_parallel:  # the blocks keep this TP rank's shard of the tokens
+            x = split_to_group(x, 1, self.tp_group)
         c = self.condition(t, labels, caption)
         for block in self.blocks:
             if self.cfg.activation_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, c, use_reentrant=False)
             else:
                 x = block(x, c)
+        if self.sequence_parallel:  # the final layer and the loss are replicated over TP
+            x = gather_for_replicated(x, 1, self.tp_group)
         return self.final_layer(x, c)
 
     def forward(self, clip: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None,

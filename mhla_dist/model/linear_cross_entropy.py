@@ -110,7 +110,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if grad_weight is not None:
                 grad_weight += (g.t() @ hidden[a:b]).to(acc)
             del g
-        if grad_hidden is not None and shard.tp > 1:
+        if grad_hidden is not None and shard.tp > 1 and shard.reduce_hidden_grad:
             dist.all_reduce(grad_hidden, group=shard.group)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
@@ -119,13 +119,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                          ignore_index: int = -100, chunk_tokens: int | None = None,
-                         tp_group=None, vocab_size: int | None = None):
+                         tp_group=None, vocab_size: int | None = None,
+                         reduce_hidden_grad: bool = True):
     """`(sum of the token cross-entropies of F.linear(hidden, weight), number of targets)`.
 
     hidden: `[..., D]`; weight: `[V_local, D]` (this TP rank's rows; all of them without
     TP); targets: `[...]` global ids or `ignore_index`. `chunk_tokens`: tokens per chunk
     (default: 32 MiB of fp32 logits). `vocab_size`: the real vocabulary when the rows are
-    padded (TP * V_local >= vocab_size); default TP * V_local.
+    padded (TP * V_local >= vocab_size); default TP * V_local. `reduce_hidden_grad`
+    (vocab-parallel): sum the hidden states' partial gradients over TP here; False when
+    the caller's region already does (a `copy_to_group` or a sequence-parallel gather).
     """
     if hidden.shape[:-1] != targets.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} "
@@ -135,5 +138,6 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     shard = _Shard(weight.shape[0], vocab_size, tp_group)
     chunk = chunk_tokens or default_chunk_tokens(weight.shape[0])
     h, t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    shard.reduce_hidden_grad = reduce_hidden_grad
     total = _LinearCrossEntropy.apply(h, weight, t, ignore_index, chunk, shard)
     return total, (t != ignore_index).sum()

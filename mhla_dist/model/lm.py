@@ -18,8 +18,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mhla_dist.config import LMConfig, resolve_lm
+from mhla_dist.parallel.collectives import copy_to_group, gather_from_group
 from mhla_dist.parallel.softmax_attention import ParallelSoftmaxAttention
-from mhla_dist.parallel.tp_layers import ParallelMHLAttention, ParallelSwiGLU
+from mhla_dist.parallel.tp_layers import (
+    ParallelMHLAttention,
+    ParallelSwiGLU,
+    sequence_shard_check,
+)
 from mhla_dist.parallel.vocab_parallel import VocabParallelEmbedding, VocabParallelHead
 from mhla_kernels import causal_mixing
 
@@ -36,11 +41,13 @@ def token_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = 
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: LMConfig, index: int, *, tp_group=None, cp_group=None) -> None:
+    def __init__(self, cfg: LMConfig, index: int, *, tp_group=None, cp_group=None,
+                 sequence_parallel: bool = False) -> None:
         super().__init__()
+        sp = sequence_parallel
         common = dict(output_gate=cfg.output_gate, output_norm=cfg.output_norm,
                       norm_eps=cfg.norm_eps, rotary_theta=cfg.rope_theta if cfg.rotary else None,
-                      tp_group=tp_group, cp_group=cp_group)
+                      tp_group=tp_group, cp_group=cp_group, sequence_parallel=sp)
         if index in cfg.softmax_layers:
             self.attn = ParallelSoftmaxAttention(cfg.hidden_size, cfg.num_heads, cfg.head_dim,
                                                  causal=True, **common)
@@ -50,9 +57,11 @@ class DecoderLayer(nn.Module):
                 max_blocks=cfg.num_blocks, causal=True, feature=cfg.feature_map,
                 normalize=cfg.normalize, per_head_mixing=cfg.per_head_mixing,
                 mixing_init=causal_mixing(cfg.num_blocks), **common)
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.mlp = ParallelSwiGLU(cfg.hidden_size, cfg.ffn_hidden_size, tp_group=tp_group)
+        norm_group = tp_group if sp else None
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, grad_group=norm_group)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, grad_group=norm_group)
+        self.mlp = ParallelSwiGLU(cfg.hidden_size, cfg.ffn_hidden_size, tp_group=tp_group,
+                                  sequence_parallel=sp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x))
@@ -61,11 +70,11 @@ class DecoderLayer(nn.Module):
     def prefill(self, x: torch.Tensor):
         h, state = self.attn.prefill(self.attn_norm(x))
         x = x + h
-        return x + self.mlp(self.mlp_norm(x)), state
+        return x + self.mlp(self.mlp_norm(x), sequence_parallel=False), state
 
     def step(self, x: torch.Tensor, state) -> torch.Tensor:
         x = x + self.attn.step(self.attn_norm(x), state)
-        return x + self.mlp(self.mlp_norm(x))
+        return x + self.mlp(self.mlp_norm(x), sequence_parallel=False)
 
 
 class MHLALanguageModel(nn.Module):
@@ -74,16 +83,25 @@ class MHLALanguageModel(nn.Module):
     The embedding and the head are vocab-parallel over TP (each rank holds `1/TP` of the
     vocabulary rows, padded to a multiple of TP: `parallel/vocab_parallel.py`); the final
     norm is replicated (it sees the same all-reduced hidden states on every TP rank).
+
+    `sequence_parallel` (TP > 1): between the regions the residual stream is this TP
+    rank's `[B, N_local / TP, hidden]` shard (`parallel/tp_layers.py`): the embedding
+    reduce-scatters its partial lookups, the norms run on the shard, and the head gathers
+    the normed shards back. Parameters and their full gradients are as without it.
     """
 
-    def __init__(self, cfg: LMConfig, *, tp_group=None, cp_group=None) -> None:
+    def __init__(self, cfg: LMConfig, *, tp_group=None, cp_group=None,
+                 sequence_parallel: bool = False) -> None:
         super().__init__()
         self.cfg = cfg = resolve_lm(cfg)
         self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size,
                                             init_std=cfg.init_std, tp_group=tp_group)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, tp_group=tp_group, cp_group=cp_group)
+        sp = self.sequence_parallel = sequence_parallel and self.embed.tp > 1
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, tp_group=tp_group, cp_group=cp_group,
+                                                 sequence_parallel=sp)
                                     for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps,
+                            grad_group=self.embed.tp_group if sp else None)
         self.head = None
         if not cfg.tie_embeddings:
             self.head = VocabParallelHead(cfg.vocab_size, cfg.hidden_size,
@@ -97,14 +115,26 @@ class MHLALanguageModel(nn.Module):
         """This TP rank's `[V_local, hidden]` rows of the head."""
         return self._vocab().weight
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Full `[..., V]` logits of hidden states (gathered over TP)."""
+    def head_input(self, h: torch.Tensor, sharded: bool) -> torch.Tensor:
+        """The normed hidden states the vocab-parallel head multiplies: the whole sequence
+        on every TP rank, its gradient summed over TP (each rank's rows give part of it)."""
+        vocab, x = self._vocab(), self.norm(h)
+        if sharded:
+            return gather_from_group(x, 1, vocab.tp_group)
+        return copy_to_group(x, vocab.tp_group)
+
+    def logits(self, h: torch.Tensor, sharded: bool = False) -> torch.Tensor:
+        """Full `[..., V]` logits of hidden states (gathered over TP); `sharded`: `h` is
+        this rank's sequence-parallel shard."""
         vocab = self._vocab()
-        return vocab.full_logits(F.linear(self.norm(h), vocab.weight))
+        return vocab.full_logits(F.linear(self.head_input(h, sharded), vocab.weight))
 
     def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The last layer's output (before the final norm) `[B, N_local, hidden]`."""
-        h = self.embed(tokens)
+        """The last layer's output (before the final norm) `[B, N_local, hidden]`, or under
+        sequence parallelism this TP rank's `[B, N_local / TP, hidden]` shard."""
+        if self.sequence_parallel:
+            sequence_shard_check(tokens.shape[1], self.embed.tp)
+        h = self.embed(tokens, scatter=self.sequence_parallel)
         for layer in self.layers:
             if self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
                 h = checkpoint(layer, h, use_reentrant=False)
@@ -116,15 +146,15 @@ class MHLALanguageModel(nn.Module):
                 ignore_index: int = -100):
         """Logits `[B, N_local, V]`; with `targets`, the loss `(sum, count)` instead, by
         the chunked head + cross-entropy that never holds the logits (`loss`)."""
-        h = self.hidden_states(tokens)
+        h, sp = self.hidden_states(tokens), self.sequence_parallel
         if targets is None:
-            return self.logits(h)
+            return self.logits(h, sp)
         vocab = self._vocab()
-        return linear_cross_entropy(self.norm(h), vocab.weight, targets,
+        return linear_cross_entropy(self.head_input(h, sp), vocab.weight, targets,
                                     ignore_index=ignore_index,
                                     chunk_tokens=self.cfg.loss_chunk_tokens,
                                     tp_group=vocab.tp_group if vocab.tp > 1 else None,
-                                    vocab_size=self.cfg.vocab_size)
+                                    vocab_size=self.cfg.vocab_size, reduce_hidden_grad=False)
 
     def loss(self, tokens: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100):
         """`(sum of token cross-entropies, number of target tokens)` on this rank: the

@@ -11,8 +11,10 @@ Memory per rank, in bytes, for a training step with AdamW:
     >= 2 the gradients, 3 the weights.
     activations: per layer and token, about 34 x hidden bytes at 2-byte activations
     (Korthikanti et al. 2022 without the attention-score term, which MHLA does not have),
-    of which TP divides 24/34; with activation checkpointing, the layer inputs (2 x hidden
-    bytes per layer and token) plus one layer's full activations. Scaled by 2 for fp32.
+    of which TP divides 24/34, and with sequence parallelism all of it (the norms'
+    and residuals' 10/34 are then sharded over TP too); with activation checkpointing, the
+    layer inputs (2 x hidden bytes per layer and token, divided by TP under sequence
+    parallelism) plus one layer's full activations. Scaled by 2 for fp32.
 P_rank = split parameters / TP + replicated ones. Tokens per rank = micro batch x
 sequence / CP.
 """
@@ -106,9 +108,10 @@ def summarize(cfg: Config, world_size: int | None = None) -> ModelSummary:
     hidden, layers, ckpt = _hidden_and_layers(cfg.model)
     tokens_rank = cfg.data.micro_batch_size * tokens // cp
     act_scale = 1 if bf16 else 2
-    per_layer = tokens_rank * hidden * (10 + 24 / tp) * act_scale
-    activations = (layers * tokens_rank * hidden * 2 * act_scale + per_layer if ckpt
-                   else layers * per_layer)
+    seq_shards = tp if cfg.parallel.sequence_parallel else 1
+    per_layer = tokens_rank * hidden * (10 / seq_shards + 24 / tp) * act_scale
+    activations = (layers * tokens_rank * hidden * 2 * act_scale / seq_shards + per_layer
+                   if ckpt else layers * per_layer)
     memory = {"weights": weights, "master_weights": master, "gradients": grads,
               "optimizer": optim, "activations": int(activations)}
     memory["total"] = sum(memory.values())
@@ -116,5 +119,6 @@ def summarize(cfg: Config, world_size: int | None = None) -> ModelSummary:
         kind=cfg.model.kind, parameters=split + replicated, parameters_per_rank=p_rank,
         flops_per_token=per_token, flops_per_sample=per_sample, tokens_per_sample=tokens,
         memory_per_rank=memory, layout={"world": world, "dp": dp, "cp": cp, "tp": tp,
+                                        "sequence_parallel": int(cfg.parallel.sequence_parallel),
                                         "zero_stage": stage},
     )

@@ -145,6 +145,56 @@ def reduce_scatter_to_group(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     return _ReduceScatterToGroup.apply(x, dim, group)
 
 
+class _GatherForReplicated(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group, ctx.width = dim, group, x.shape[dim]
+        out, _ = all_gather_dim0(x.movedim(dim, 0), group)
+        return out.movedim(0, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        start = dist.get_rank(ctx.group) * ctx.width
+        return grad.narrow(ctx.dim, start, ctx.width).contiguous(), None, None
+
+
+def gather_for_replicated(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """All-gather along `dim` (forward); backward keeps this rank's slice of the gradient.
+
+    For a gathered tensor whose consumers compute the same thing on every rank (a loss
+    replicated over the group): each rank's gradient is then already the whole one, and
+    summing it (`gather_from_group`'s reduce-scatter) would count it once per rank.
+    """
+    if _size(group) == 1:
+        return x
+    return _GatherForReplicated.apply(x, dim, group)
+
+
+class _SplitToGroup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        width = x.shape[dim] // _size(group)
+        return x.narrow(dim, dist.get_rank(group) * width, width).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        out, _ = all_gather_dim0(grad.movedim(ctx.dim, 0), ctx.group)
+        return out.movedim(0, ctx.dim), None, None
+
+
+def split_to_group(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """This rank's slice of a tensor replicated over the group, along `dim` (forward);
+    all-gather of the gradient (backward), so the replicated computation upstream gets
+    the whole gradient on every rank. The transpose of `gather_for_replicated`."""
+    if _size(group) == 1:
+        return x
+    if x.shape[dim] % _size(group):
+        raise ValueError(f"split of dim {dim} = {x.shape[dim]} over {_size(group)} ranks: "
+                         "not divisible")
+    return _SplitToGroup.apply(x, dim, group)
+
+
 class _CopyToGroup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):

@@ -128,16 +128,17 @@ class ParallelSoftmaxAttention(AttentionProjections):
         self.causal = causal
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, sp = self.enter(x), self.sequence_parallel
         positions = self.positions(x.shape[1], device=x.device)
-        q, k, v = self.project(x)
+        q, k, v = self.project(x, sp)
         q, k = self.maybe_rotate(q, positions), self.maybe_rotate(k, positions)
         rank, cp = self.cp_rank_size()
         if cp == 1:
-            return self.finish(_sdpa(q, k, v, causal=self.causal), x)
+            return self.finish(_sdpa(q, k, v, causal=self.causal), x, sp)
         group = resolve_cp_group(self.cp_group)
         k, v = gather_from_group(k, 1, group), gather_from_group(v, 1, group)
         o = cp_causal_attention(q, k, v, rank) if self.causal else _sdpa(q, k, v)
-        return self.finish(o, x)
+        return self.finish(o, x, sp)
 
     @torch.no_grad()
     def prefill(self, x: torch.Tensor):

@@ -9,6 +9,14 @@ split by heads like the projections.
 
 Inputs are `[B, N_local, hidden]`; megatron's layers only need the hidden dim last.
 Causal layers also decode one token at a time (`prefill`, `step`) on a single CP rank.
+
+Sequence parallelism (`sequence_parallel=True`, TP > 1; Megatron-LM's scheme on our own
+device-agnostic collectives, since megatron-core's SP mappings need CUDA): the residual
+stream between the regions is this TP rank's `[B, N_local / TP, hidden]` shard. A region
+all-gathers the sequence on the way in (its gradient reduce-scattered: each rank's heads
+give part of it) and feeds the column-parallel weights directly; the row-parallel output
+is reduce-scattered over the sequence instead of all-reduced (its gradient all-gathered).
+Decoding (`prefill`, `step`) never shards the sequence.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ from torch import nn
 
 from mhla_kernels import MHLADecodeState, feature_map, mhla, mhla_decode_step
 
-from .collectives import copy_to_group
+from .collectives import copy_to_group, gather_from_group, reduce_scatter_to_group
 from .cp_attention import cp_mhla
 
 
@@ -44,6 +52,31 @@ def tp_config(tp: int, *, params_dtype: torch.dtype = torch.float32,
         sequence_parallel=sequence_parallel, params_dtype=params_dtype,
         perform_initialization=True,
     )
+
+
+def column_linear(proj, x: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
+    """A `ColumnParallelLinear` on `x`; under SP `x` is already the gathered sequence (whose
+    gradient the gather's reduce-scatter sums over TP), so the layer's own input region,
+    which all-reduces that gradient, is skipped."""
+    if not sequence_parallel:
+        return proj(x)[0]
+    return torch.nn.functional.linear(x, proj.weight, proj.bias)
+
+
+def row_linear(proj, h: torch.Tensor, sequence_parallel: bool, tp_group) -> torch.Tensor:
+    """A `RowParallelLinear` on this rank's partial input `h`: the partial outputs summed
+    over TP (all-reduce), or under SP reduce-scattered over the sequence (dim 1), the bias
+    then added to the shard (its gradient TP-summed: each rank sees only its tokens)."""
+    if not sequence_parallel:
+        return proj(h)[0]
+    out = reduce_scatter_to_group(torch.nn.functional.linear(h, proj.weight), 1, tp_group)
+    return out if proj.bias is None else out + copy_to_group(proj.bias, tp_group).to(out.dtype)
+
+
+def sequence_shard_check(n_local: int, tp: int) -> None:
+    if n_local % tp:
+        raise ValueError(f"sequence parallelism splits each rank's {n_local} tokens over "
+                         f"tp={tp} ranks: {n_local} is not a multiple of {tp}")
 
 
 def _init_normal(std: float):
@@ -81,11 +114,13 @@ class AttentionProjections(nn.Module):
 
     def __init__(self, hidden_size: int, num_heads: int, head_dim: int, *, bias: bool = False,
                  output_gate: bool = False, output_norm: bool = False, norm_eps: float = 1e-6,
-                 rotary_theta: float | None = None, tp_group=None, cp_group=None) -> None:
+                 rotary_theta: float | None = None, tp_group=None, cp_group=None,
+                 sequence_parallel: bool = False) -> None:
         super().__init__()
         from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
         tp_group, tp = resolve_tp_group(tp_group)
+        self.sequence_parallel = sequence_parallel and tp > 1
         if num_heads % tp:
             raise ValueError(f"tp={tp} does not divide the {num_heads} attention heads")
         if rotary_theta is not None and head_dim % 2:
@@ -124,10 +159,18 @@ class AttentionProjections(nn.Module):
             start = self.cp_rank_size()[0] * n_local
         return torch.arange(start, start + n_local, device=device)
 
-    def project(self, x: torch.Tensor):
+    def enter(self, x: torch.Tensor) -> torch.Tensor:
+        """The region's input: under SP the TP-gathered sequence `[B, N_local, hidden]`."""
+        if not self.sequence_parallel:
+            return x
+        return gather_from_group(x, 1, self.tp_group)
+
+    def project(self, x: torch.Tensor, sp: bool = False):
+        """q, k, v `[B, N, H_local, d]` of `x` (`sp`: `x` is a gathered region input)."""
         b, n, _ = x.shape
         shape = (b, n, self.local_heads, self.head_dim)
-        return tuple(proj(x)[0].view(shape) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        return tuple(column_linear(proj, x, sp).view(shape)
+                     for proj in (self.q_proj, self.k_proj, self.v_proj))
 
     def maybe_rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return x if self.rotary_theta is None else rotate(x, positions, self.rotary_theta)
@@ -136,7 +179,8 @@ class AttentionProjections(nn.Module):
         """A TP-replicated parameter used on this rank's heads only: TP-sum its gradient."""
         return copy_to_group(p, self.tp_group) if self.tp > 1 else p
 
-    def finish(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def finish(self, o: torch.Tensor, x: torch.Tensor, sp: bool = False) -> torch.Tensor:
+        """`sp`: `x` is the gathered region input; the output is reduce-scattered."""
         b, n = o.shape[:2]
         if self.out_norm is not None:
             dtype = torch.promote_types(o.dtype, torch.float32)
@@ -145,8 +189,8 @@ class AttentionProjections(nn.Module):
             o = (o32 * self.replicated(self.out_norm).to(dtype)).to(o.dtype)
         o = o.reshape(b, n, self.local_heads * self.head_dim)
         if self.gate_proj is not None:
-            o = o * torch.nn.functional.silu(self.gate_proj(x)[0])
-        return self.o_proj(o)[0]
+            o = o * torch.nn.functional.silu(column_linear(self.gate_proj, x, sp))
+        return row_linear(self.o_proj, o, sp, self.tp_group)
 
 
 class ParallelMHLAttention(AttentionProjections):
@@ -183,10 +227,12 @@ class ParallelMHLAttention(AttentionProjections):
         rotary_theta: float | None = None,
         tp_group=None,
         cp_group=None,
+        sequence_parallel: bool = False,
     ) -> None:
         super().__init__(hidden_size, num_heads, head_dim, bias=bias, output_gate=output_gate,
                          output_norm=output_norm, norm_eps=norm_eps, rotary_theta=rotary_theta,
-                         tp_group=tp_group, cp_group=cp_group)
+                         tp_group=tp_group, cp_group=cp_group,
+                         sequence_parallel=sequence_parallel)
         if normalize and rotary_theta is not None:
             raise ValueError("a rotary embedding after the feature map makes features signed: "
                              "it needs normalize=False")
@@ -207,8 +253,8 @@ class ParallelMHLAttention(AttentionProjections):
             self.mixing.tensor_model_parallel, self.mixing.partition_dim = True, 0
             self.mixing.partition_stride = 1
 
-    def features(self, x: torch.Tensor, positions: torch.Tensor):
-        q, k, v = self.project(x)
+    def features(self, x: torch.Tensor, positions: torch.Tensor, sp: bool = False):
+        q, k, v = self.project(x, sp)
         q, k = (self.maybe_rotate(self.phi(t), positions) for t in (q, k))
         return q, k, v
 
@@ -229,10 +275,11 @@ class ParallelMHLAttention(AttentionProjections):
         return self.replicated(mixing) if self.mixing.dim() == 2 else mixing
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.features(x, self.positions(x.shape[1], device=x.device))
+        x, sp = self.enter(x), self.sequence_parallel
+        q, k, v = self.features(x, self.positions(x.shape[1], device=x.device), sp)
         o = cp_mhla(q, k, v, self.mixing_for_heads(), self.block_size, causal=self.causal,
                     normalize=self.normalize, group=self.cp_group)
-        return self.finish(o, x)
+        return self.finish(o, x, sp)
 
     @torch.no_grad()
     def prefill(self, x: torch.Tensor):
@@ -257,11 +304,12 @@ class _ParallelMLP(nn.Module):
     """Column-parallel input projections (`inputs` of them) and a row-parallel output."""
 
     def __init__(self, hidden_size: int, ffn_hidden_size: int, inputs: tuple[str, ...],
-                 output: str, *, bias: bool, tp_group) -> None:
+                 output: str, *, bias: bool, tp_group, sequence_parallel: bool) -> None:
         super().__init__()
         from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
         tp_group, tp = resolve_tp_group(tp_group)
+        self.tp_group, self.sequence_parallel = tp_group, sequence_parallel and tp > 1
         if ffn_hidden_size % tp:
             raise ValueError(f"tp={tp} does not divide ffn_hidden_size={ffn_hidden_size}")
         config = tp_config(tp)
@@ -274,28 +322,37 @@ class _ParallelMLP(nn.Module):
             init_method=_init_normal(1 / math.sqrt(ffn_hidden_size)), skip_bias_add=False,
             tp_group=tp_group))
 
+    def region(self, x: torch.Tensor, sequence_parallel: bool | None):
+        """`(input, sp)`: the region's input (gathered under SP) and whether it is."""
+        sp = self.sequence_parallel if sequence_parallel is None else sequence_parallel
+        return (gather_from_group(x, 1, self.tp_group) if sp else x), sp
+
 
 class ParallelSwiGLU(_ParallelMLP):
     """`down(silu(gate(x)) * up(x))` with gate/up column-parallel and down row-parallel."""
 
     def __init__(self, hidden_size: int, ffn_hidden_size: int, *, bias: bool = False,
-                 tp_group=None) -> None:
+                 tp_group=None, sequence_parallel: bool = False) -> None:
         super().__init__(hidden_size, ffn_hidden_size, ("gate_proj", "up_proj"), "down_proj",
-                         bias=bias, tp_group=tp_group)
+                         bias=bias, tp_group=tp_group, sequence_parallel=sequence_parallel)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.nn.functional.silu(self.gate_proj(x)[0]) * self.up_proj(x)[0]
-        return self.down_proj(h)[0]
+    def forward(self, x: torch.Tensor, sequence_parallel: bool | None = None) -> torch.Tensor:
+        """`sequence_parallel`: override the layer's setting (decoding never shards)."""
+        x, sp = self.region(x, sequence_parallel)
+        h = (torch.nn.functional.silu(column_linear(self.gate_proj, x, sp))
+             * column_linear(self.up_proj, x, sp))
+        return row_linear(self.down_proj, h, sp, self.tp_group)
 
 
 class ParallelGeluMLP(_ParallelMLP):
     """`fc2(gelu_tanh(fc1(x)))`, fc1 column-parallel, fc2 row-parallel (the DiT's MLP)."""
 
     def __init__(self, hidden_size: int, ffn_hidden_size: int, *, bias: bool = True,
-                 tp_group=None) -> None:
+                 tp_group=None, sequence_parallel: bool = False) -> None:
         super().__init__(hidden_size, ffn_hidden_size, ("fc1",), "fc2", bias=bias,
-                         tp_group=tp_group)
+                         tp_group=tp_group, sequence_parallel=sequence_parallel)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.nn.functional.gelu(self.fc1(x)[0], approximate="tanh")
-        return self.fc2(h)[0]
+    def forward(self, x: torch.Tensor, sequence_parallel: bool | None = None) -> torch.Tensor:
+        x, sp = self.region(x, sequence_parallel)
+        h = torch.nn.functional.gelu(column_linear(self.fc1, x, sp), approximate="tanh")
+        return row_linear(self.fc2, h, sp, self.tp_group)

@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .collectives import all_gather_dim0
+from .collectives import gather_for_replicated, reduce_scatter_to_group
 from .tp_layers import resolve_tp_group
 
 
@@ -41,23 +41,6 @@ class _ReduceFromGroup(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad, None
-
-
-class _GatherLastDim(torch.autograd.Function):
-    """All-gather along the last dim forward; backward keeps this rank's slice (the
-    downstream computation is replicated over the group, so its gradient is too)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group, ctx.width = group, x.shape[-1]
-        ctx.rank = dist.get_rank(group)
-        full, _ = all_gather_dim0(x.movedim(-1, 0), group)
-        return full.movedim(0, -1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        a = ctx.rank * ctx.width
-        return grad[..., a:a + ctx.width].contiguous(), None
 
 
 def padded_vocab(vocab_size: int, tp: int) -> int:
@@ -85,7 +68,7 @@ class _VocabShard(nn.Module):
         """`[..., V]` logits from this rank's `[..., V_l]` (gathered, padding dropped)."""
         if self.tp == 1:
             return local
-        return _GatherLastDim.apply(local, self.tp_group)[..., :self.vocab_size]
+        return gather_for_replicated(local, -1, self.tp_group)[..., :self.vocab_size]
 
 
 class VocabParallelEmbedding(_VocabShard):
@@ -99,13 +82,18 @@ class VocabParallelEmbedding(_VocabShard):
         nn.init.normal_(full, std=init_std)
         super().__init__(vocab_size, hidden_size, full, tp_group)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, scatter: bool = False) -> torch.Tensor:
+        """`[B, N]` ids -> `[B, N, hidden]`; with `scatter` (sequence parallelism) the
+        ranks' partial lookups are reduce-scattered over the sequence instead of summed:
+        this TP rank's `[B, N / TP, hidden]` shard."""
         if self.tp == 1:
             return F.embedding(tokens, self.weight)
         local = tokens - self.start
         outside = (local < 0) | (local >= self.rows)
         out = F.embedding(local.masked_fill(outside, 0), self.weight)
         out = out.masked_fill(outside[..., None], 0.0)
+        if scatter:
+            return reduce_scatter_to_group(out, 1, self.tp_group)
         return _ReduceFromGroup.apply(out, self.tp_group)
 
 

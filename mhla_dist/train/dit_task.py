@@ -57,7 +57,8 @@ class DiTTask:
     def build_model(self) -> torch.nn.Module:
         from mhla_dist.model.dit import DiT
 
-        return DiT(self.cfg.model, tp_group=self.topo.tp_group, cp_group=self.topo.cp_group)
+        return DiT(self.cfg.model, tp_group=self.topo.tp_group, cp_group=self.topo.cp_group,
+                   sequence_parallel=self.cfg.parallel.sequence_parallel)
 
     def loader(self, split: str):
         d, t = self.cfg.data, self.topo

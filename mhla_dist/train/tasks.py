@@ -27,7 +27,8 @@ class LMTask:
         from mhla_dist.model.lm import MHLALanguageModel
 
         return MHLALanguageModel(self.cfg.model, tp_group=self.topo.tp_group,
-                                 cp_group=self.topo.cp_group)
+                                 cp_group=self.topo.cp_group,
+                                 sequence_parallel=self.cfg.parallel.sequence_parallel)
 
     def loader(self, split: str):
         d, t = self.cfg.data, self.topo

@@ -1,4 +1,5 @@
-"""The tiny DiT at TP = 2, CP = 2 and TP2 x CP2 equals the single-process model with the
+"""The tiny DiT at TP = 2, CP = 2 and TP2 x CP2 (TP with and without sequence
+parallelism) equals the single-process model with the
 same full weights: the loss (global sum / global count), the gathered velocity and every
 parameter gradient (TP shards gathered, summed over CP ranks as the DP x CP reduction
 does). One spawn per world size holds all of its cases."""
@@ -29,7 +30,7 @@ def _groups(rank, tp, cp):
     return tp_groups[rank // tp], cp_groups[rank % tp], solos[rank]
 
 
-def _case(cfg_overrides, tp_group, cp_group, solo):
+def _case(cfg_overrides, tp_group, cp_group, solo, sp=False):
     from mhla_dist.config.dit import dit_config
     from mhla_dist.model.dit import DiT
     from mhla_dist.model.rectified_flow import rectified_flow_loss
@@ -41,7 +42,7 @@ def _case(cfg_overrides, tp_group, cp_group, solo):
     ref = DiT(cfg, tp_group=solo, cp_group=solo).double()
     perturb(ref)
     torch.manual_seed(11)
-    model = DiT(cfg, tp_group=tp_group, cp_group=cp_group).double()
+    model = DiT(cfg, tp_group=tp_group, cp_group=cp_group, sequence_parallel=sp).double()
     load_full_state_dict(model, full_state_dict(ref, solo), tp_group)
     clip, noise, t, labels = batch(cfg, B, seed=3, dtype=torch.float64)
     caption = (torch.randn(B, cfg.caption_dim, generator=torch.Generator().manual_seed(4),
@@ -76,11 +77,11 @@ def dit_rank_fn(rank, world, layouts):
     init_distributed("gloo")
     torch.set_default_dtype(torch.float32)
     errs = {}
-    for tp, cp in layouts:
+    for tp, cp, sp in layouts:
         tp_group, cp_group, solo = _groups(rank, tp, cp)
         for tag, overrides in CONFIGS.items():
-            for key, value in _case(overrides, tp_group, cp_group, solo).items():
-                errs[f"tp{tp}xcp{cp}/{tag}/{key}"] = value
+            for key, value in _case(overrides, tp_group, cp_group, solo, sp).items():
+                errs[f"tp{tp}xcp{cp}{'-sp' * sp}/{tag}/{key}"] = value
     if world == 4:
         errs.update(_default_groups_case())
     return errs
@@ -117,8 +118,10 @@ def _check(ranks, expect_cases):
 
 
 def test_dit_tp2_and_cp2_equal_single_process():
-    _check(run_ranks(dit_rank_fn, 2, [(2, 1), (1, 2)]), 2 * len(CONFIGS))
+    """TP = 2 with and without sequence parallelism, and CP = 2."""
+    _check(run_ranks(dit_rank_fn, 2, [(2, 1, False), (2, 1, True), (1, 2, False)]),
+           3 * len(CONFIGS))
 
 
 def test_dit_tp2xcp2_equals_single_process():
-    _check(run_ranks(dit_rank_fn, 4, [(2, 2)]), len(CONFIGS))
+    _check(run_ranks(dit_rank_fn, 4, [(2, 2, False), (2, 2, True)]), 2 * len(CONFIGS))

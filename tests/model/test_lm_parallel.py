@@ -15,7 +15,7 @@ CASES = {"mhla": {}, "hybrid-perhead": {"softmax_layers": [1], "per_head_mixing"
          "untied-ragged-vocab": {"tie_embeddings": False, "vocab_size": 51}}
 
 
-def lm_rank_fn(rank, world, tp, cp):
+def lm_rank_fn(rank, world, tp, cp, sp=False):
     from mhla_dist.model.lm import MHLALanguageModel
     from mhla_dist.parallel import build_topology
     from mhla_dist.parallel.tp_state import full_grads, full_state_dict, load_full_state_dict
@@ -29,7 +29,8 @@ def lm_rank_fn(rank, world, tp, cp):
     for name, overrides in CASES.items():
         cfg = tiny_lm_config(**overrides)
         torch.manual_seed(0)
-        model = MHLALanguageModel(cfg, tp_group=topo.tp_group, cp_group=topo.cp_group).double()
+        model = MHLALanguageModel(cfg, tp_group=topo.tp_group, cp_group=topo.cp_group,
+                                  sequence_parallel=sp).double()
         ref = MHLALanguageModel(cfg, tp_group=solo, cp_group=solo).double()
         load_full_state_dict(ref, full_state_dict(model, topo.tp_group), solo)
         total, count = model.loss(tokens[:, sl], targets[:, sl])
@@ -48,19 +49,21 @@ def lm_rank_fn(rank, world, tp, cp):
     return errs
 
 
-@pytest.mark.parametrize("tp,cp", [(1, 2), (2, 1), (2, 2), (4, 1)],
-                         ids=["cp2", "tp2", "tp2xcp2", "tp4"])
-def test_parallel_lm_equals_single_process(tp, cp):
-    for rank, errs in enumerate(run_ranks(lm_rank_fn, tp * cp, tp, cp)):
+@pytest.mark.parametrize("tp,cp,sp", [(1, 2, False), (2, 1, False), (2, 2, False),
+                                       (4, 1, False), (2, 1, True), (2, 2, True)],
+                         ids=["cp2", "tp2", "tp2xcp2", "tp4", "tp2-sp", "tp2xcp2-sp"])
+def test_parallel_lm_equals_single_process(tp, cp, sp):
+    """`sp`: sequence parallelism, the residual stream sharded over TP between regions."""
+    for rank, errs in enumerate(run_ranks(lm_rank_fn, tp * cp, tp, cp, sp)):
         assert len(errs) > 20
         bad = {k: f"{v:.2e}" for k, v in errs.items() if not v < 1e-10}
         assert not bad, f"rank {rank}: {bad}"
 
 
 def vocab_rank_fn(rank, world):
-    from mhla_dist.model.lm import MHLALanguageModel
+    from mhla_dist.model.lm import MHLALanguageModel, token_loss
     from mhla_dist.parallel import build_topology
-    from mhla_dist.parallel.tp_state import full_state_dict, load_full_state_dict
+    from mhla_dist.parallel.tp_state import full_grads, full_state_dict, load_full_state_dict
 
     topo = build_topology(tp=world)
     solo = [dist.new_group([r]) for r in range(world)][rank]
@@ -82,7 +85,19 @@ def vocab_rank_fn(rank, world):
            "logits_err": rel_err(logits, ref(tokens)),
            "generated": model.generate(prompt, 6, temperature=0),
            "ref_generated": ref.generate(prompt, 6, temperature=0)}
+    # Training through the gathered logits (not the fused loss): the same gradients, with
+    # and without sequence parallelism.
     load_full_state_dict(ref, full, solo)
+    ref.zero_grad()
+    token_loss(ref(tokens), targets)[0].backward()
+    want = full_grads(ref, solo)
+    for sp in (False, True):
+        torch.manual_seed(0)
+        m = MHLALanguageModel(cfg, tp_group=topo.tp_group, sequence_parallel=sp).double()
+        token_loss(m(tokens), targets)[0].backward()
+        got = full_grads(m, topo.tp_group)
+        out[f"residual_len_sp{sp}"] = m.hidden_states(tokens).shape[1]
+        out[f"logit_grad_err_sp{sp}"] = max(rel_err(got[k], want[k], floor=1e-8) for k in want)
     return out
 
 
@@ -95,5 +110,7 @@ def test_vocab_parallel_shards_pads_and_gathers():
         assert out["same_init"] and out["local_rows"] == 26
         assert out["logits_err"] < 1e-12
         assert torch.equal(out["generated"], out["ref_generated"])
+        assert out["logit_grad_err_spFalse"] < 1e-10 and out["logit_grad_err_spTrue"] < 1e-10
+        assert (out["residual_len_spFalse"], out["residual_len_spTrue"]) == (64, 32)
         if rank == 1:
             assert out["pad_grad"].shape[0] == 1 and not out["pad_grad"].any()

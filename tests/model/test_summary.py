@@ -43,6 +43,19 @@ def test_memory_shrinks_with_zero_stage_and_tensor_parallelism():
     assert tp2.parameters == tp1.parameters and tp2.parameters_per_rank < tp1.parameters_per_rank
 
 
+def test_sequence_parallelism_shards_all_activations_over_tp():
+    """Korthikanti et al.: TP alone divides 24 of the 34 bytes per token and hidden unit,
+    with SP all 34; the checkpointed layer inputs are sharded too."""
+    for ckpt in ("false", "true"):
+        base = ["parallel.tp=2", f"model.activation_checkpointing={ckpt}"]
+        tp1 = summarize(load_config("configs/lm/125m.yaml", base[1:])).memory_per_rank
+        tp2 = summarize(load_config("configs/lm/125m.yaml", base)).memory_per_rank
+        sp = summarize(load_config("configs/lm/125m.yaml",
+                                   [*base, "parallel.sequence_parallel=true"])).memory_per_rank
+        assert abs(sp["activations"] / tp1["activations"] - 0.5) < 1e-6, ckpt
+        assert sp["activations"] < tp2["activations"] < tp1["activations"]
+
+
 def test_bad_config_is_an_error(capsys):
     assert main(["--config", "configs/lm/tiny.yaml", "parallel.cp=3"]) == 2
     assert "parallel.cp=3 does not divide" in capsys.readouterr().err

@@ -5,19 +5,20 @@ model x layout x precision x gradient accumulation, each trained, resumed and sa
 |-----|---------|--------|-----------|------------|------------|
 | 1   | LM      | 1      | fp32      | 1          | 0          |
 | 2   | LM      | CP2    | bf16      | 2          | 2          |
-| 3   | LM      | TP2    | bf16      | 1          | 3          |
+| 3   | LM      | TP2+SP | bf16      | 1          | 3          |
 | 4   | DiT-cls | 1      | bf16      | 2          | 1          |
 | 5   | DiT-cls | CP2    | fp32      | 1          | 3          |
 | 6   | DiT-cls | TP2    | fp32      | 2          | 1          |
 | 7   | DiT-cap | 1      | bf16      | 1          | 2          |
 | 8   | DiT-cap | CP2    | fp32      | 2          | 0          |
-| 9   | DiT-cap | TP2    | bf16      | 2          | 2          |
+| 9   | DiT-cap | TP2+SP | bf16      | 2          | 2          |
 
 Model x layout is the full 3 x 3 grid; each model's three rows, and each layout's three
 rows, hold both precisions and both grad_accum values; and precision x grad_accum takes all
 four combinations (fp32/1: rows 1, 5; fp32/2: 6, 8; bf16/1: 3, 7; bf16/2: 2, 4, 9). So every
 pair of factor values is launched at least once, in 9 runs instead of the full 36.
 ZeRO is not a factor; the stages are spread so that each of 0-3 is launched at least once.
+Two of the TP2 rows run with sequence parallelism (`parallel.sequence_parallel=true`).
 
 Each row trains 2 steps (evaluating and checkpointing), resumes to 4 steps with
 `resume=auto`, then loads `model.safetensors` in the user's sampler (`tools/generate.py`
@@ -45,7 +46,7 @@ CAPTION_DIM = 8
 @dataclass(frozen=True)
 class Row:
     model: str  # lm | dit-cls | dit-cap
-    layout: str  # 1 | cp2 | tp2
+    layout: str  # 1 | cp2 | tp2 | tp2sp
     precision: str  # fp32 | bf16
     grad_accum: int
     zero_stage: int
@@ -58,13 +59,13 @@ class Row:
 ROWS = [
     Row("lm", "1", "fp32", 1, 0),
     Row("lm", "cp2", "bf16", 2, 2),
-    Row("lm", "tp2", "bf16", 1, 3),
+    Row("lm", "tp2sp", "bf16", 1, 3),
     Row("dit-cls", "1", "bf16", 2, 1),
     Row("dit-cls", "cp2", "fp32", 1, 3),
     Row("dit-cls", "tp2", "fp32", 2, 1),
     Row("dit-cap", "1", "bf16", 1, 2),
     Row("dit-cap", "cp2", "fp32", 2, 0),
-    Row("dit-cap", "tp2", "bf16", 2, 2),
+    Row("dit-cap", "tp2sp", "bf16", 2, 2),
 ]
 
 
@@ -126,7 +127,8 @@ def overrides_for(row: Row, data: dict[str, str], run_dir: Path, steps: int) -> 
         base = list(TINY_DIT_RUN)  # model.num_classes=4
     else:
         base = [*TINY_DIT_RUN, "model.num_classes=0", f"model.caption_dim={CAPTION_DIM}"]
-    layout = {"1": [], "cp2": ["parallel.cp=2"], "tp2": ["parallel.tp=2"]}[row.layout]
+    layout = {"1": [], "cp2": ["parallel.cp=2"], "tp2": ["parallel.tp=2"],
+              "tp2sp": ["parallel.tp=2", "parallel.sequence_parallel=true"]}[row.layout]
     return [*base, *layout, f"run_dir={run_dir}", f"data.train={data['train']}",
             f"data.eval={data['eval']}", f"train.precision={row.precision}",
             f"train.grad_accum={row.grad_accum}", f"zero.stage={row.zero_stage}",
