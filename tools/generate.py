@@ -26,7 +26,8 @@ def generate(run_dir: Path, prompt: str, max_new_tokens: int, temperature: float
     from mhla_dist.model.lm import MHLALanguageModel
     from mhla_dist.parallel import build_topology, destroy_topology
 
-    cfg = load_config(run_dir / "config.yaml", ["parallel.tp=1", "parallel.cp=1"])
+    cfg = load_config(run_dir / "config.yaml",
+                      ["parallel.tp=1", "parallel.cp=1", "parallel.sequence_parallel=false"])
     if not isinstance(cfg.model, LMConfig):
         raise ValueError(f"{run_dir} holds a {cfg.model.kind} model, not a language model")
     build_topology()

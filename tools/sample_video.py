@@ -162,7 +162,8 @@ def sample_video(run_dir: Path, *, num: int | None, labels: list[int] | None,
         raise ValueError(f"dtype={dtype!r} is not one of {', '.join(map(repr, DTYPES))}")
     if num is not None and num < 1:
         raise ValueError(f"--num {num} must be >= 1")
-    cfg = load_config(run_dir / "config.yaml", ["parallel.tp=1", "parallel.cp=1"])
+    cfg = load_config(run_dir / "config.yaml",
+                      ["parallel.tp=1", "parallel.cp=1", "parallel.sequence_parallel=false"])
     if not isinstance(cfg.model, DiTConfig):
         raise ValueError(f"{run_dir} holds a {cfg.model.kind} model, not a DiT (kind 'dit')")
     m = cfg.model

@@ -112,7 +112,8 @@ def validate(cfg: Config) -> None:
     _check_at_least(out, "parallel.cp", cfg.parallel.cp, 1)
     if cfg.parallel.sequence_parallel and cfg.parallel.tp < 2:
         out.append(f"parallel.sequence_parallel=true shards the sequence over the TP group: "
-                   f"it needs parallel.tp >= 2 (got tp={cfg.parallel.tp})")
+                   f"it needs parallel.tp >= 2 (got tp={cfg.parallel.tp}; with tp=1 set "
+                   "parallel.sequence_parallel=false)")
     _check_choice(out, "zero.stage", cfg.zero.stage, (0, 1, 2, 3))
     _check_choice(out, "zero.reduce_dtype", cfg.zero.reduce_dtype, ("fp32", "bf16"))
     _check_at_least(out, "zero.reduce_bucket_size", cfg.zero.reduce_bucket_size, 1)
