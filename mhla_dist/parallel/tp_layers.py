@@ -73,6 +73,13 @@ def row_linear(proj, h: torch.Tensor, sequence_parallel: bool, tp_group) -> torc
     return out if proj.bias is None else out + copy_to_group(proj.bias, tp_group).to(out.dtype)
 
 
+def mark_sequence_parallel(row_proj, sequence_parallel: bool) -> None:
+    """Megatron's mark on a row-parallel bias that SP feeds with sequence shards (its
+    gradient is TP-summed in `row_linear`)."""
+    if sequence_parallel and row_proj.bias is not None:
+        row_proj.bias.sequence_parallel = True
+
+
 def sequence_shard_check(n_local: int, tp: int) -> None:
     if n_local % tp:
         raise ValueError(f"sequence parallelism splits each rank's {n_local} tokens over "
@@ -140,6 +147,7 @@ class AttentionProjections(nn.Module):
             width, hidden_size, config=config, init_method=_init_normal(width**-0.5),
             bias=bias, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group,
         )
+        mark_sequence_parallel(self.o_proj, self.sequence_parallel)
         # One weight for every head, replicated over TP (its gradient is TP-summed).
         self.out_norm = nn.Parameter(torch.ones(head_dim)) if output_norm else None
 
@@ -321,6 +329,7 @@ class _ParallelMLP(nn.Module):
             ffn_hidden_size, hidden_size, config=config, bias=bias, input_is_parallel=True,
             init_method=_init_normal(1 / math.sqrt(ffn_hidden_size)), skip_bias_add=False,
             tp_group=tp_group))
+        mark_sequence_parallel(getattr(self, output), self.sequence_parallel)
 
     def region(self, x: torch.Tensor, sequence_parallel: bool | None):
         """`(input, sp)`: the region's input (gathered under SP) and whether it is."""
