@@ -52,6 +52,9 @@ from pathlib import Path
 log = logging.getLogger("bench_train")
 MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "100000000000"}
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from tools.bench_op import device_name  # noqa: E402  (the repo root first, as a script)
+
 DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16"}
 # The targets: (name, what, limit).
 TARGETS = (
@@ -184,17 +187,6 @@ def run_child(spec: dict, timeout: float) -> dict:
         tail = (out.stderr.strip().splitlines() or ["?"])[-1]
         return {"status": f"error: {tail}", "stderr_tail": out.stderr[-4000:]}
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        import torch
-
-        return torch.cuda.get_device_name(0)
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    return platform.processor() or "cpu"
 
 
 def sweep(args) -> list[dict]:
