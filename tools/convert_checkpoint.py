@@ -59,7 +59,7 @@ def _llama(args) -> str:
     rep = import_llama(args.source, args.output, hf_config=args.config, dtype=args.dtype,
                        block_size=args.block_size, max_seq_len=args.max_seq_len,
                        output_gate=args.output_gate, feature_map=args.feature_map,
-                       per_head_mixing=args.per_head_mixing)
+                       per_head_mixing=args.per_head_mixing, softmax_layers=args.softmax_layers)
     return rep.to_text() + f"\nwrote {args.output}"
 
 
@@ -119,6 +119,9 @@ def _parser() -> argparse.ArgumentParser:
     ll.add_argument("--max-seq-len", type=int, default=None,
                     help="default: max_position_embeddings")
     ll.add_argument("--feature-map", default="relu")
+    ll.add_argument("--softmax-layers", default=None,
+                    help="layers that stay softmax attention: 'all' or indices like 0,3 "
+                         "(default: every layer becomes MHLA)")
     ll.add_argument("--output-gate", action="store_true",
                     help="add the SiLU output gate (random init; off keeps the source's output)")
     ll.add_argument("--per-head-mixing", action="store_true")

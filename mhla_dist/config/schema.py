@@ -37,6 +37,9 @@ class LMConfig:
     rope_theta: float = 10000.0
     per_head_mixing: bool = False
     softmax_layers: list[int] = field(default_factory=list)  # hybrid: SDPA in these layers
+    # The output norm and gate in the softmax layers too (false: those layers are plain
+    # softmax attention, as an imported softmax model's).
+    softmax_layer_extras: bool = True
     tie_embeddings: bool = True
     norm_eps: float = 1e-6
     init_std: float = 0.02

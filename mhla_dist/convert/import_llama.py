@@ -7,6 +7,8 @@ weights are `[out, in]`, as ours). What a softmax Llama does not have is created
   repeated per head), `M = max_seq_len / block_size`.
 - `out_norm`: ones (the per-head output RMSNorm; it takes the softmax denominator's
   place, since linear attention without normalisation has another output scale).
+- the layers named by `softmax_layers` (`all`: every layer) stay softmax attention and get
+  neither of those: importing with every layer softmax computes the source model.
 - the output gate: off by default (`output_gate=False`). No linear init makes
   `silu(gate(x))` the identity (a zero gate gives `silu(0) = 0` and silences attention),
   so the closest model to the pretrained one has no gate; `output_gate=True` creates it
@@ -36,16 +38,48 @@ _PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
 
 
+def softmax_layer_list(spec: str | list[int] | None, num_layers: int) -> list[int]:
+    """`all`, a comma-separated list of layer indices, or a list -> sorted indices."""
+    if spec is None or spec == "":
+        return []
+    if spec == "all":
+        return list(range(num_layers))
+    try:
+        layers = sorted({int(i) for i in (spec.split(",") if isinstance(spec, str) else spec)})
+    except ValueError:
+        raise ConversionError(f"--softmax-layers {spec!r}: give 'all' or layer indices like "
+                              "0,3") from None
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad:
+        raise ConversionError(f"--softmax-layers {spec!r}: layers {bad} outside [0, "
+                              f"{num_layers})")
+    return layers
+
+
+def _rope_theta(hf: dict) -> float:
+    """transformers >= 5 writes `rope_parameters`; older configs `rope_theta`."""
+    rope = hf.get("rope_parameters") or {}
+    kind = rope.get("rope_type", "default")
+    if kind != "default":
+        raise ConversionError(f"rope_type {kind!r} (scaled RoPE) is not supported: the MHLA LM "
+                              "has the default rotary embedding")
+    return float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
 def llama_lm_config(hf: dict, *, block_size: int = 64, max_seq_len: int | None = None,
                     output_gate: bool = False, feature_map: str = "relu",
-                    per_head_mixing: bool = False) -> LMConfig:
-    """The MHLA LM config for an HF Llama `config.json` mapping."""
+                    per_head_mixing: bool = False,
+                    softmax_layers: str | list[int] | None = None) -> LMConfig:
+    """The MHLA LM config for an HF Llama `config.json` mapping. `softmax_layers`: the
+    layers that stay softmax attention (`all` or indices), without the MHLA extras (output
+    norm, gate) there, so that `all` computes the source model itself."""
     need = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
             "vocab_size")
     missing = [k for k in need if k not in hf]
     if missing:
         raise ConversionError(f"config.json lacks {', '.join(missing)} (not a Llama config?)")
     heads = hf["num_attention_heads"]
+    softmax = softmax_layer_list(softmax_layers, hf["num_hidden_layers"])
     return model_config_from_dict(dict(
         vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
         num_layers=hf["num_hidden_layers"], num_heads=heads,
@@ -53,10 +87,11 @@ def llama_lm_config(hf: dict, *, block_size: int = 64, max_seq_len: int | None =
         ffn_hidden_size=hf["intermediate_size"],
         max_seq_len=max_seq_len or hf.get("max_position_embeddings", 2048),
         block_size=block_size, feature_map=feature_map, normalize=False, output_norm=True,
-        output_gate=output_gate, rotary=True, rope_theta=float(hf.get("rope_theta", 10000.0)),
+        output_gate=output_gate, rotary=True, rope_theta=_rope_theta(hf),
         per_head_mixing=per_head_mixing, tie_embeddings=bool(hf.get("tie_word_embeddings",
                                                                       False)),
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6))))
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)), softmax_layers=softmax,
+        softmax_layer_extras=False))
 
 
 def _expand_kv(w: torch.Tensor, kv_heads: int, heads: int, head_dim: int) -> torch.Tensor:
@@ -138,6 +173,8 @@ def _create_lm_extras(out: dict, cfg: LMConfig, rep: ConversionReport) -> None:
         rep.create(t + "mixing", mixing, f"causal row average over M={cfg.num_blocks} blocks")
     for i in range(cfg.num_layers):
         t = f"layers.{i}.attn."
+        if i in cfg.softmax_layers and not cfg.softmax_layer_extras:
+            continue  # a plain softmax layer, as in the source
         if cfg.output_norm:
             out[t + "out_norm"] = torch.ones(cfg.head_dim)
             rep.create(t + "out_norm", out[t + "out_norm"], "ones")

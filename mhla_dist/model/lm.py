@@ -49,6 +49,8 @@ class DecoderLayer(nn.Module):
                       norm_eps=cfg.norm_eps, rotary_theta=cfg.rope_theta if cfg.rotary else None,
                       tp_group=tp_group, cp_group=cp_group, sequence_parallel=sp)
         if index in cfg.softmax_layers:
+            if not cfg.softmax_layer_extras:
+                common.update(output_gate=False, output_norm=False)
             self.attn = ParallelSoftmaxAttention(cfg.hidden_size, cfg.num_heads, cfg.head_dim,
                                                  causal=True, **common)
         else:
