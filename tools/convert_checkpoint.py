@@ -11,6 +11,8 @@
         runs/x/universal
     # a Hugging Face Llama (safetensors + config.json) -> the MHLA LM
     python tools/convert_checkpoint.py import-llama hf/llama/ out/mhla.safetensors --block-size 256
+    # a trained MHLA LM -> a transformers folder (AutoModelForCausalLM, trust_remote_code)
+    python tools/convert_checkpoint.py export-hf runs/lm out/hf
     # a facebookresearch DiT (.pt/.pth, or safetensors) -> the MHLA DiT (a preset, or sizes
     # read from the shapes plus num_heads=)
     python tools/convert_checkpoint.py import-dit DiT-XL-2-256x256.pt out/dit.safetensors \
@@ -51,6 +53,14 @@ def _universal(args) -> str:
     out = to_universal(args.checkpoint, args.output, tag=args.tag, workers=args.workers)
     return (f"wrote {out}; resume it at any layout with resume={out} (optimizer carried "
             f"over), or start a new run from it with init.weights={out}")
+
+
+def _export_hf(args) -> str:
+    from mhla_dist.convert.export_hf import export_hf
+
+    text = export_hf(args.source, args.output, shard_bytes=int(args.shard_gb * 2**30))
+    return (f"{text}\nload it with transformers.AutoModelForCausalLM.from_pretrained("
+            f"{str(args.output)!r}, trust_remote_code=True)")
 
 
 def _llama(args) -> str:
@@ -137,6 +147,14 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("overrides", nargs="*", help="DiTConfig keys, e.g. num_heads=16 "
                    "block_grid=[1,4,4] pos_embed=learned softmax_layers=[0]")
     d.set_defaults(run=_dit)
+    e = sub.add_parser("export-hf", help="an MHLA LM -> a transformers folder "
+                       "(trust_remote_code=True)")
+    e.add_argument("source", help="a run directory, a checkpoint or universal folder, or a "
+                   "consolidated .safetensors")
+    e.add_argument("output", help="a new folder")
+    e.add_argument("--shard-gb", type=float, default=5.0,
+                   help="weights past this size are sharded, with an index (default 5)")
+    e.set_defaults(run=_export_hf)
     r = sub.add_parser("resize-mixing", help="resize every Mc for a new block layout")
     r.add_argument("source", help="consolidated .safetensors (with its model config)")
     r.add_argument("output")
