@@ -58,7 +58,8 @@ def _universal(args) -> str:
 def _export_hf(args) -> str:
     from mhla_dist.convert.export_hf import export_hf
 
-    text = export_hf(args.source, args.output, shard_bytes=int(args.shard_gb * 2**30))
+    text = export_hf(args.source, args.output, shard_bytes=int(args.shard_gb * 2**30),
+                     tokenizer=args.tokenizer)
     return (f"{text}\nload it with transformers.AutoModelForCausalLM.from_pretrained("
             f"{str(args.output)!r}, trust_remote_code=True)")
 
@@ -154,6 +155,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("output", help="a new folder")
     e.add_argument("--shard-gb", type=float, default=5.0,
                    help="weights past this size are sharded, with an index (default 5)")
+    e.add_argument("--tokenizer", default=None,
+                   help="'byte', or the tokenizer.json the data was prepared with (default: "
+                        "byte for a 257-token vocabulary)")
     e.set_defaults(run=_export_hf)
     r = sub.add_parser("resize-mixing", help="resize every Mc for a new block layout")
     r.add_argument("source", help="consolidated .safetensors (with its model config)")

@@ -8,6 +8,8 @@
         model.safetensors           the fp32 weights, under our names; past `shard_bytes`
                                     model-0000i-of-0000n.safetensors + the index json
         generation_config.json
+        tokenizer.json, tokenizer_config.json   the byte-level tokenizer (a 257 vocabulary)
+                                    or the given tokenizer.json
 
 The source is a consolidated `.safetensors` (with its model config), a trainer checkpoint
 folder, a run directory (its `model.safetensors`, else its latest checkpoint) or a
@@ -35,6 +37,7 @@ FILES = Path(__file__).parent / "hf_files"
 AUTO_MAP = {"AutoConfig": "configuration_mhla.MHLAConfig",
             "AutoModelForCausalLM": "modeling_mhla.MHLAForCausalLM"}
 DEFAULT_SHARD_BYTES = 5 * 2**30
+EOS_TOKEN = "<|endoftext|>"  # id 256 of the byte-level tokenizer
 
 
 def load_source(source: str | Path) -> tuple[dict[str, torch.Tensor], LMConfig]:
@@ -70,7 +73,7 @@ def hf_config(cfg: LMConfig) -> dict:
     return {**fields, "model_type": "mhla_lm", "architectures": ["MHLAForCausalLM"],
             "auto_map": AUTO_MAP, "max_position_embeddings": cfg.max_seq_len,
             "num_hidden_layers": cfg.num_layers, "torch_dtype": "float32",
-            "tie_word_embeddings": False, "use_cache": False}
+            "tie_word_embeddings": False, "use_cache": True}
 
 
 def _write_weights(state: dict[str, torch.Tensor], out: Path, shard_bytes: int) -> list[str]:
@@ -100,9 +103,64 @@ def _write_weights(state: dict[str, torch.Tensor], out: Path, shard_bytes: int) 
     return names
 
 
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in for every byte (what a ByteLevel tokenizer works on)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+            *range(ord("\xae"), ord("\xff") + 1)]
+    chars, extra = dict(zip(keep, map(chr, keep), strict=True)), 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def write_byte_tokenizer(out: Path, max_length: int) -> None:
+    """mhla-dist's byte-level tokenizer (ids 0..255 the UTF-8 bytes, 256 the end of a
+    document) as a `tokenizer.json` that `AutoTokenizer` loads."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([EOS_TOKEN])
+    if tok.token_to_id(EOS_TOKEN) != 256:
+        raise RuntimeError(f"{EOS_TOKEN} got id {tok.token_to_id(EOS_TOKEN)}, not 256")
+    tok.save(str(out / "tokenizer.json"))
+    _write_tokenizer_config(out, max_length)
+
+
+def _write_tokenizer_config(out: Path, max_length: int) -> None:
+    (out / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS_TOKEN,
+         "model_max_length": max_length}, indent=1))
+
+
+def _tokenizer(tokenizer: str | None, cfg: LMConfig, out: Path) -> str:
+    if tokenizer is None:
+        tokenizer = "byte" if cfg.vocab_size == 257 else None
+    if tokenizer is None:
+        return (f"no tokenizer written (vocab_size={cfg.vocab_size} is not the byte "
+                "tokenizer's 257): pass --tokenizer PATH/tokenizer.json")
+    if tokenizer == "byte":
+        write_byte_tokenizer(out, cfg.max_seq_len)
+        return "the byte-level tokenizer"
+    path = Path(tokenizer)
+    if not path.is_file():
+        raise ConversionError(f"--tokenizer {tokenizer}: no such file (give the "
+                              "tokenizer.json the data was prepared with, or 'byte')")
+    shutil.copyfile(path, out / "tokenizer.json")
+    (out / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_seq_len},
+        indent=1))
+    return f"the tokenizer {path}"
+
+
 def export_hf(source: str | Path, out_dir: str | Path, *,
-              shard_bytes: int = DEFAULT_SHARD_BYTES) -> str:
-    """Write the transformers folder for SOURCE at OUT_DIR (a new or empty folder)."""
+              shard_bytes: int = DEFAULT_SHARD_BYTES, tokenizer: str | None = None) -> str:
+    """Write the transformers folder for SOURCE at OUT_DIR (a new or empty folder).
+    `tokenizer`: "byte", a `tokenizer.json` path, or None (byte if the vocabulary is 257)."""
     state, cfg = load_source(source)
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
@@ -115,11 +173,13 @@ def export_hf(source: str | Path, out_dir: str | Path, *,
     files = _write_weights(state, tmp, shard_bytes)
     (tmp / "config.json").write_text(json.dumps(hf_config(cfg), indent=1))
     (tmp / "generation_config.json").write_text(json.dumps(
-        {"max_length": cfg.max_seq_len, "use_cache": False}, indent=1))
+        {"max_length": cfg.max_seq_len, "use_cache": True}, indent=1))
     for name in ("configuration_mhla.py", "modeling_mhla.py"):
         shutil.copyfile(FILES / name, tmp / name)
+    wrote_tokenizer = _tokenizer(tokenizer, cfg, tmp)
     if out.exists():
         out.rmdir()
     tmp.replace(out)
     return (f"exported {len(state)} tensors ({cfg.num_layers} layers, softmax layers "
-            f"{cfg.softmax_layers or 'none'}) to {out}: {', '.join(files)}")
+            f"{cfg.softmax_layers or 'none'}) to {out}: {', '.join(files)}; "
+            f"{wrote_tokenizer}")

@@ -1,7 +1,8 @@
 """export-hf: an MHLA LM written as a transformers folder loads with
 `AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)`, and its logits equal our
 model's (MHLA and hybrid layers, per-head or shared Mc, normalised or not, tied or untied,
-a ragged last block); greedy `generate()` equals ours token for token; large weights are
+a ragged last block); greedy `generate()` equals ours token for token, decoding one token
+per step from the recurrent state; large weights are
 sharded with an index; a trained TP = 2 run (padded vocabulary) exports its real rows."""
 
 from __future__ import annotations
@@ -66,13 +67,20 @@ def test_logits_and_greedy_generation_equal_ours(tmp_path, group, variant):
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_mhla.MHLAForCausalLM"
     hf = _load(tmp_path / "hf")
     tokens = torch.randint(0, 61, (2, 45), generator=torch.Generator().manual_seed(1))
+    fed = []  # the tokens each forward call of generate() gets
+    hf.register_forward_pre_hook(
+        lambda m, args, kw: fed.append((args[0] if args else kw["input_ids"]).shape[1]),
+        with_kwargs=True)
     with torch.no_grad():
         want = ours(tokens)
-        want_gen = ours.generate(tokens[:1, :7], 20, temperature=0)
         got = hf(tokens).logits
-        got_gen = hf.generate(tokens[:1, :7], max_new_tokens=20, do_sample=False)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert torch.equal(got_gen, want_gen)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for prompt in (7, 16):  # a prompt ending inside a block, and one filling it
+            fed.clear()
+            want_gen = ours.generate(tokens[:1, :prompt], 20, temperature=0)
+            got_gen = hf.generate(tokens[:1, :prompt], max_new_tokens=20, do_sample=False)
+            assert torch.equal(got_gen, want_gen), prompt
+            assert fed == [prompt] + [1] * 19  # the prefix once, then the recurrent state
 
 
 def test_weights_past_the_limit_are_sharded_with_an_index(tmp_path, group):
@@ -114,3 +122,16 @@ def test_bad_sources_and_targets_fail_clearly(tmp_path, group):
     assert (tmp_path / "full" / "x").read_text() == "keep me"
     with pytest.raises(ConversionError, match="neither a .safetensors"):
         export_hf(tmp_path / "missing.pt", tmp_path / "out")
+
+
+def test_the_byte_tokenizer_loads_with_auto_tokenizer(trained, tmp_path):
+    """A 257-token run exports mhla-dist's byte-level tokenizer: ids are the UTF-8 bytes,
+    256 is the end of a document, and text round-trips."""
+    from mhla_dist.data.tokenizer import ByteTokenizer
+
+    _export(trained["tp1"], tmp_path / "hf")
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = "MHLA says héllo, 世界!"
+    ids = tok(text)["input_ids"]
+    assert ids == ByteTokenizer().encode(text).tolist()
+    assert tok.decode(ids) == text and tok.eos_token_id == 256

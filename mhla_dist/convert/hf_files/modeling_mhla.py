@@ -6,13 +6,20 @@ summaries `S_b = sum_s phi(k_s) v_s^T` of the blocks before it mixed by the lear
 `Mc[i, b]`, and its own tokens causally weighted by `Mc[i, i]`. Computed blockwise, so the
 cost is linear in the sequence length. Layers listed in `softmax_layers` are softmax
 attention. Weight names are those of mhla-dist's checkpoints.
+
+`generate()` decodes with a recurrent state per layer (`MHLAState`: the finished block
+summaries, the running summary of the current block and the mixed prefix of that block,
+so a token costs O(d^2) per head; softmax layers keep their keys and values), equal to
+the parallel forward token for token.
 """
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutput
+from transformers.utils import ModelOutput
 
 try:
     from .configuration_mhla import MHLAConfig
@@ -31,11 +38,12 @@ class RMSNorm(nn.Module):
         return (x32 * self.weight.to(x32.dtype)).to(x.dtype)
 
 
-def rotate(x, theta):
-    """NeoX-style rotary embedding of `x` `[B, N, H, d]` at positions 0..N-1."""
+def rotate(x, theta, start=0):
+    """NeoX-style rotary embedding of `x` `[B, N, H, d]` at positions start..start+N-1."""
     half = x.shape[-1] // 2
     freqs = theta ** (-torch.arange(half, dtype=torch.float64, device=x.device) / half)
-    angles = torch.arange(x.shape[1], dtype=torch.float64, device=x.device)[:, None] * freqs
+    positions = torch.arange(start, start + x.shape[1], dtype=torch.float64, device=x.device)
+    angles = positions[:, None] * freqs
     cos, sin = (f(angles).to(x.dtype)[None, :, None, :] for f in (torch.cos, torch.sin))
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
@@ -94,22 +102,38 @@ class Attention(nn.Module):
             return x
         return F.elu(x) + 1 if name == "elu" else torch.relu(x) + 1e-6
 
-    def forward(self, x):
+    def mixing_used(self):
+        return self.mixing.clamp(min=0) if self.config.normalize else self.mixing
+
+    def forward(self, x, state=None):
+        """`x` `[B, N, hidden]`: the whole sequence (`state` None), its prompt (`state` a
+        fresh `LayerState`, filled for decoding) or the next tokens after `state`."""
         b, n, _ = x.shape
+        cfg, start = self.config, 0 if state is None else state.position
         q, k, v = (p(x).view(b, n, self.heads, self.head_dim)
                    for p in (self.q_proj, self.k_proj, self.v_proj))
-        cfg = self.config
-        if self.softmax:
-            if cfg.rotary:
-                q, k = rotate(q, cfg.rope_theta), rotate(k, cfg.rope_theta)
-            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                               v.transpose(1, 2), is_causal=True).transpose(1, 2)
-        else:
+        if not self.softmax:
             q, k = self.phi(q), self.phi(k)
-            if cfg.rotary:
-                q, k = rotate(q, cfg.rope_theta), rotate(k, cfg.rope_theta)
-            mixing = self.mixing.clamp(min=0) if cfg.normalize else self.mixing
-            o = causal_mhla(q, k, v, mixing, cfg.block_size, cfg.normalize).to(v.dtype)
+        if cfg.rotary:
+            q, k = rotate(q, cfg.rope_theta, start), rotate(k, cfg.rope_theta, start)
+        if self.softmax:
+            if state is not None and start > 0:
+                k, v = torch.cat([state.k, k], 1), torch.cat([state.v, v], 1)
+            if state is not None:
+                state.k, state.v = k, v
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                               v.transpose(1, 2), is_causal=start == 0)
+            o = o.transpose(1, 2)
+        elif state is not None and start > 0:
+            o = torch.cat([state.step(q[:, i], k[:, i], v[:, i], self.mixing_used())
+                           for i in range(n)], 1).to(v.dtype)
+        else:
+            o = causal_mhla(q, k, v, self.mixing_used(), cfg.block_size,
+                            cfg.normalize).to(v.dtype)
+            if state is not None:
+                state.prefill(k, v, self.mixing_used())
+        if state is not None:
+            state.position = start + n
         if self.out_norm is not None:
             o32 = o.to(torch.promote_types(o.dtype, torch.float32))
             o32 = o32 * torch.rsqrt(o32.pow(2).mean(-1, keepdim=True) + cfg.norm_eps)
@@ -118,6 +142,69 @@ class Attention(nn.Module):
         if self.gate_proj is not None:
             o = o * F.silu(self.gate_proj(x))
         return self.o_proj(o)
+
+
+class LayerState:
+    """One layer's decode state: softmax keys/values, or MHLA's block summaries."""
+
+    def __init__(self, block_size, normalize, eps=1e-6):
+        self.block_size, self.normalize, self.eps = block_size, normalize, eps
+        self.position, self.k, self.v = 0, None, None
+        self.blocks, self.block_z = [], []  # finished blocks' S [B, H, d, dv], z [B, H, d]
+        self.running = self.running_z = self.prefix = self.prefix_z = None
+
+    def _mix_prefix(self, i, mixing):
+        """P_i = sum_{b<i} Mc[i, b] S_b (and y_i), once per block."""
+        mc = mixing if mixing.dim() == 3 else mixing[None]  # [1 or H, M, M]
+        row = mc[:, i, :i].to(self.running.dtype)  # [1 or H, i]
+        if i == 0:
+            self.prefix = torch.zeros_like(self.running)
+            self.prefix_z = torch.zeros_like(self.running_z)
+            return
+        stack, zs = torch.stack(self.blocks, 1), torch.stack(self.block_z, 1)  # [B, i, H, ...]
+        self.prefix = torch.einsum("hj,bjhde->bhde", row, stack)
+        self.prefix_z = torch.einsum("hj,bjhd->bhd", row, zs)
+
+    def prefill(self, k, v, mixing):
+        b, n, h, d = k.shape
+        c, dtype = self.block_size, torch.promote_types(k.dtype, torch.float32)
+        k, v = k.to(dtype), v.to(dtype)
+        last = (n - 1) // c
+        for j in range(last + 1):
+            kb, vb = k[:, j * c:(j + 1) * c], v[:, j * c:(j + 1) * c]
+            s, z = torch.einsum("bchd,bche->bhde", kb, vb), kb.sum(1)
+            if j < last:
+                self.blocks.append(s)
+                self.block_z.append(z)
+            else:
+                self.running, self.running_z = s, z
+        self._mix_prefix(last, mixing)
+
+    def step(self, q, k, v, mixing):
+        """One token per sequence (`[B, H, d]`) at `self.position`; returns `[B, 1, H, dv]`."""
+        t, c = self.position, self.block_size
+        dtype = self.running.dtype
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        i = t // c
+        if t % c == 0:  # a new block: the running one is finished
+            self.blocks.append(self.running)
+            self.block_z.append(self.running_z)
+            self.running = torch.zeros_like(self.running)
+            self.running_z = torch.zeros_like(self.running_z)
+            self._mix_prefix(i, mixing)
+        self.running = self.running + torch.einsum("bhd,bhe->bhde", k, v)
+        self.running_z = self.running_z + k
+        mc = mixing if mixing.dim() == 3 else mixing[None]
+        diag = mc[:, i, i].to(dtype)[None, :, None]  # [1, 1 or H, 1]
+        num = torch.einsum("bhd,bhde->bhe", q, self.prefix) + diag * torch.einsum(
+            "bhd,bhde->bhe", q, self.running)
+        if self.normalize:
+            den = (q * self.prefix_z).sum(-1) + diag[..., 0] * (q * self.running_z).sum(-1)
+            out = num / (den[..., None] + self.eps)
+        else:
+            out = num * q.shape[-1] ** -0.5
+        self.position = t + 1
+        return out[:, None]
 
 
 class MLP(nn.Module):
@@ -139,9 +226,28 @@ class DecoderLayer(nn.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x):
-        x = x + self.attn(self.attn_norm(x))
+    def forward(self, x, state=None):
+        x = x + self.attn(self.attn_norm(x), state)
         return x + self.mlp(self.mlp_norm(x))
+
+
+class MHLACache:
+    """The decode state of every layer (what `generate()` carries between steps)."""
+
+    def __init__(self, config):
+        self.layers = [LayerState(config.block_size, config.normalize)
+                       for _ in range(config.num_layers)]
+
+    @property
+    def position(self):
+        return self.layers[0].position
+
+
+@dataclass
+class MHLAOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    cache: MHLACache | None = None
 
 
 class MHLAForCausalLM(PreTrainedModel, GenerationMixin):
@@ -165,21 +271,39 @@ class MHLAForCausalLM(PreTrainedModel, GenerationMixin):
     def get_input_embeddings(self):
         return self.embed
 
-    def forward(self, input_ids, attention_mask=None, labels=None, **kwargs):
+    @classmethod
+    def _supports_default_dynamic_cache(cls):
+        return False  # the decode state is MHLACache, made by forward
+
+    def forward(self, input_ids, attention_mask=None, labels=None, cache=None, use_cache=None,
+                **kwargs):
+        """Logits of `input_ids` `[B, N]`; with `use_cache` the decode state comes back as
+        `cache`, and with a `cache` the ids are the tokens after its position."""
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("padded batches are not supported: MHLA has no attention mask "
                              "(give sequences of equal length, or one at a time)")
+        if cache is None and use_cache:
+            cache = MHLACache(self.config)
+        start = 0 if cache is None else cache.position
+        if start + input_ids.shape[1] > self.config.max_seq_len:
+            raise ValueError(f"{start + input_ids.shape[1]} tokens exceed max_seq_len="
+                             f"{self.config.max_seq_len} (the model's Mc has that many blocks)")
         h = self.embed(input_ids)
-        for layer in self.layers:
-            h = layer(h)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, None if cache is None else cache.layers[i])
         weight = self.embed.weight if self.head is None else self.head.weight
         logits = F.linear(self.norm(h), weight)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
                                    labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutput(loss=loss, logits=logits)
+        return MHLAOutput(loss=loss, logits=logits, cache=cache)
 
-    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, cache=None,
+                                      use_cache=None, **kwargs):
+        if cache is not None:  # the state holds the prefix: feed the new tokens only
+            return {"input_ids": input_ids[:, cache.position:], "cache": cache,
+                    "use_cache": True}
+        return {"input_ids": input_ids, "attention_mask": attention_mask,
+                "use_cache": use_cache}
 
