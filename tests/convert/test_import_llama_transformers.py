@@ -2,7 +2,7 @@
 head, a non-default RoPE theta in transformers 5's `rope_parameters`) built and saved by
 transformers, imported through the CLI with every layer softmax, gives transformers'
 logits; imported as a hybrid, it trains through `python -m mhla_dist.train` from
-`init.weights=`."""
+`init.weights=` and exports back with `export-hf` (transformers loads it, same logits)."""
 
 from __future__ import annotations
 
@@ -82,3 +82,17 @@ def test_imported_hybrid_trains_from_init_weights(hf_llama, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    # ... and goes back to transformers with export-hf
+    proc = subprocess.run([sys.executable, "tools/convert_checkpoint.py", "export-hf", str(run),
+                           str(tmp_path / "back")], cwd=ROOT, env=launch_env(),
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back",
+                                                             trust_remote_code=True).eval()
+    state, trained_cfg = read_consolidated(run / "model.safetensors")
+    tokens = torch.randint(0, 257, (1, 40), generator=torch.Generator().manual_seed(2))
+    with single_rank_groups() as group:
+        ours = build_model(trained_cfg, tp_group=group, cp_group=group).eval()
+        load_full_state_dict(ours, state, group)
+        with torch.no_grad():
+            torch.testing.assert_close(back(tokens).logits, ours(tokens), rtol=1e-5, atol=1e-5)
