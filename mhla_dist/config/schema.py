@@ -58,7 +58,7 @@ class ParallelConfig:
 
 @dataclass
 class DataConfig:
-    kind: str = "text"  # text | video
+    kind: str = "text"  # text | video | mqar (generated on the fly: mhla_dist/eval/mqar.py)
     train: str = ""  # shard URLs: a path, a brace pattern, pipe:...
     eval: str = ""
     seq_len: int | None = None  # default model.max_seq_len
@@ -66,6 +66,7 @@ class DataConfig:
     workers: int = 0
     shuffle_buffer: int = 1000
     seed: int = 0
+    num_kv_pairs: int = 8  # mqar: key-value pairs per sequence
 
 
 @dataclass

@@ -10,7 +10,7 @@ FEATURE_MAPS = ("relu", "elu", "identity")  # mhla_kernels.FEATURE_MAPS, kept im
 PRECISIONS = ("fp32", "bf16")
 SCHEDULES = ("cosine", "wsd", "constant")
 WANDB_MODES = ("offline", "online", "disabled")
-DATA_KINDS = ("text", "video")
+DATA_KINDS = ("text", "video", "mqar")
 INIT_OPTIMIZER = ("auto", "carry", "reset")
 
 
@@ -122,6 +122,10 @@ def validate(cfg: Config) -> None:
     _check_choice(out, "schedule.kind", cfg.schedule.kind, SCHEDULES)
     _check_choice(out, "logging.wandb.mode", cfg.logging.wandb.mode, WANDB_MODES)
     _check_choice(out, "data.kind", cfg.data.kind, DATA_KINDS)
+    if cfg.data.kind == "mqar":
+        _check_at_least(out, "data.num_kv_pairs", cfg.data.num_kv_pairs, 1)
+        if not isinstance(cfg.model, LMConfig):
+            out.append("data.kind=mqar trains a language model (model.kind=lm)")
     _check_at_least(out, "train.steps", cfg.train.steps, 1)
     _check_at_least(out, "train.grad_accum", cfg.train.grad_accum, 1)
     _check_at_least(out, "train.max_nonfinite_steps", cfg.train.max_nonfinite_steps, 1)

@@ -81,6 +81,12 @@ class DiTTask:
         key = (self.cfg.train.seed, step, self.micro, self.topo.dp_rank)
         return torch.Generator().manual_seed(hash(key) % 2**62)
 
+    def eval_metric_names(self) -> list[str]:
+        return []
+
+    def eval_metrics(self, engine, batch: dict) -> dict[str, tuple]:
+        return {}
+
     def count(self, batch: dict) -> int:
         """Velocity values this rank's loss sums over: its tokens of every clip."""
         return batch["clip"].shape[0] * self.patch_values

@@ -32,6 +32,12 @@ class LMTask:
 
     def loader(self, split: str):
         d, t = self.cfg.data, self.topo
+        if d.kind == "mqar":
+            from mhla_dist.eval.mqar import MQARLoader
+
+            return MQARLoader(seq_len=self.seq_len, batch_size=d.micro_batch_size,
+                              num_kv_pairs=d.num_kv_pairs, vocab_size=self.cfg.model.vocab_size,
+                              seed=d.seed, split=split, dp_rank=t.dp_rank)
         urls = d.train if split == "train" else d.eval
         if not urls:
             return None
@@ -45,6 +51,21 @@ class LMTask:
         tokens = local["input_ids"].to(self.topo.device)
         targets = local["labels"].to(self.topo.device)
         return engine(tokens, targets, IGNORE_INDEX)
+
+    def eval_metric_names(self) -> list[str]:
+        return ["accuracy"] if self.cfg.data.kind == "mqar" else []
+
+    def eval_metrics(self, engine, batch: dict) -> dict[str, tuple]:
+        """MQAR: `(correct answers, answers)` of the greedy prediction at every scored
+        position (the full logits: MQAR's vocabulary is small)."""
+        if self.cfg.data.kind != "mqar":
+            return {}
+        local = cp_slice(batch, self.topo.cp_rank, self.topo.cp)
+        tokens = local["input_ids"].to(self.topo.device)
+        targets = local["labels"].to(self.topo.device)
+        scored = targets != IGNORE_INDEX
+        correct = (engine(tokens).argmax(-1) == targets) & scored
+        return {"accuracy": (correct.sum(), scored.sum())}
 
     def count(self, batch: dict) -> torch.Tensor:
         """This rank's target tokens (padding excluded) in `batch`, counted on the host

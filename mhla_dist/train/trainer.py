@@ -283,28 +283,33 @@ class Trainer:
                 "skipped": skipped, "preempt": preempt > 0}
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """The mean loss over the first `train.eval_steps` eval batches: the same batches
-        (and the same noise and timesteps for the DiT) at every evaluation, so the curve
+    def evaluate(self) -> dict[str, float]:
+        """`eval_loss`, the mean loss over the first `train.eval_steps` eval batches (and
+        the task's other eval metrics, e.g. MQAR's `eval_accuracy`): the same batches (and
+        the same noise and timesteps for the DiT) at every evaluation, so the curve
         compares steps; the training loader and the RNG are not touched."""
         self.engine.eval()
         self.eval_loader.rewind()
         batches = iter(self.eval_loader)
-        sums = torch.zeros(2, dtype=torch.float64, device=self.topo.device)
+        names = ["loss", *self.task.eval_metric_names()]
+        sums = torch.zeros(2 * len(names), dtype=torch.float64, device=self.topo.device)
         try:
             for index in range(self.cfg.train.eval_steps):
                 batch = next(batches, None)
                 if batch is None:
                     break
                 self.task.set_position(None, index)
-                total, count = self.task.loss(self.engine, batch)
-                sums += self._replica_sum(torch.stack([total.double(), count.double()]))
+                pairs = [self.task.loss(self.engine, batch),
+                         *self.task.eval_metrics(self.engine, batch).values()]
+                sums += self._replica_sum(torch.stack([t.double().to(sums.device)
+                                                       for pair in pairs for t in pair]))
         finally:
             batches.close()
         dist.all_reduce(sums)
         self.engine.train()
-        loss_sum, count_sum = sums.tolist()
-        return loss_sum / max(count_sum, 1.0)
+        totals = sums.tolist()
+        return {f"eval_{name}": totals[2 * i] / max(totals[2 * i + 1], 1.0)
+                for i, name in enumerate(names)}
 
     # ------------------------------------------------------------------ the loop
     def _on_signal(self, signum, frame) -> None:
@@ -376,7 +381,7 @@ class Trainer:
                     metrics["mfu"] = (flops * tokens * per_s
                                       / (cfg.logging.peak_flops * self.topo.world_size))
                 if eval_due:
-                    metrics["eval_loss"] = self.evaluate()
+                    metrics.update(self.evaluate())
                 self.logger.log(self.step, metrics)
                 window_start, window_steps, window_losses = time.perf_counter(), 0, []
             path = None

@@ -1,0 +1,1 @@
+"""Evaluations of the language models: synthetic recall tasks (MQAR, `mqar.py`)."""
