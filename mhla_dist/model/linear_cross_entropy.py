@@ -37,8 +37,9 @@ def default_chunk_tokens(vocab_local: int, budget: int = DEFAULT_LOGIT_BUDGET) -
 class _Shard:
     """Which global vocabulary ids this rank's `rows` head rows hold."""
 
-    def __init__(self, rows: int, vocab_size: int | None, tp_group) -> None:
-        self.group = tp_group
+    def __init__(self, rows: int, vocab_size: int | None, tp_group,
+                 reduce_hidden_grad: bool = True) -> None:
+        self.group, self.reduce_hidden_grad = tp_group, reduce_hidden_grad
         self.tp = 1 if tp_group is None else dist.get_world_size(tp_group)
         rank = 0 if tp_group is None else dist.get_rank(tp_group)
         self.rows, self.start = rows, rank * rows
@@ -135,9 +136,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
                          "disagree: one target per hidden state")
     if chunk_tokens is not None and chunk_tokens < 1:
         raise ValueError(f"chunk_tokens={chunk_tokens} must be >= 1")
-    shard = _Shard(weight.shape[0], vocab_size, tp_group)
+    shard = _Shard(weight.shape[0], vocab_size, tp_group, reduce_hidden_grad)
     chunk = chunk_tokens or default_chunk_tokens(weight.shape[0])
     h, t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-    shard.reduce_hidden_grad = reduce_hidden_grad
     total = _LinearCrossEntropy.apply(h, weight, t, ignore_index, chunk, shard)
     return total, (t != ignore_index).sum()

@@ -113,10 +113,6 @@ class MHLALanguageModel(nn.Module):
         """The module holding the head's rows (the embedding when tied)."""
         return self.embed if self.head is None else self.head
 
-    def head_weight(self) -> torch.Tensor:
-        """This TP rank's `[V_local, hidden]` rows of the head."""
-        return self._vocab().weight
-
     def head_input(self, h: torch.Tensor, sharded: bool) -> torch.Tensor:
         """The normed hidden states the vocab-parallel head multiplies: the whole sequence
         on every TP rank, its gradient summed over TP (each rank's rows give part of it)."""
