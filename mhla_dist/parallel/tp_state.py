@@ -21,6 +21,19 @@ def split_dim(param: nn.Parameter) -> int | None:
     return param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
 
 
+def padded_vocab(vocab_size: int, tp: int) -> int:
+    """`vocab_size` rounded up to a multiple of `tp` (Megatron's vocabulary padding)."""
+    return -(-vocab_size // tp) * tp
+
+
+def pad_rows(full: torch.Tensor, tp: int, dim: int = 0) -> torch.Tensor:
+    """`full` with zero rows appended along `dim` up to a multiple of `tp`: the padding a
+    vocab-parallel parameter's shards hold."""
+    shape = list(full.shape)
+    shape[dim] = padded_vocab(full.shape[dim], tp) - full.shape[dim]
+    return torch.cat([full, full.new_zeros(shape)], dim=dim) if shape[dim] else full
+
+
 def full_rows(param: nn.Parameter, tp: int) -> int | None:
     """The full size of a split parameter's split dim: `tp` shards, less the padding of a
     vocab-parallel parameter (`padded_rows_of`, `vocab_parallel.py`); None if replicated."""
@@ -63,9 +76,7 @@ def tp_slice(param: nn.Parameter, full: torch.Tensor, tp_group, name: str = "") 
     dim = split_dim(param)
     padded = getattr(param, "padded_rows_of", None)
     if dim is not None and padded is not None and full.shape[dim] == padded:
-        shape = list(full.shape)
-        shape[dim] = -(-padded // tp) * tp - padded
-        full = torch.cat([full, full.new_zeros(shape)], dim=dim)  # the padding rows
+        full = pad_rows(full, tp, dim)
     local = full if dim is None else full.chunk(tp, dim=dim)[rank]
     shape = tuple(getattr(param, "ds_shape", param.shape))
     if tuple(local.shape) != shape:

@@ -26,6 +26,7 @@ from torch import nn
 
 from .collectives import gather_for_replicated, reduce_scatter_to_group
 from .tp_layers import resolve_tp_group
+from .tp_state import pad_rows, padded_vocab
 
 
 class _ReduceFromGroup(torch.autograd.Function):
@@ -43,22 +44,16 @@ class _ReduceFromGroup(torch.autograd.Function):
         return grad, None
 
 
-def padded_vocab(vocab_size: int, tp: int) -> int:
-    return -(-vocab_size // tp) * tp
-
-
 class _VocabShard(nn.Module):
     """The rows `[start, start + rows)` of a `[vocab_size, hidden]` matrix over TP."""
 
-    def __init__(self, vocab_size: int, hidden_size: int, full: torch.Tensor, tp_group) -> None:
+    def __init__(self, vocab_size: int, full: torch.Tensor, tp_group) -> None:
         super().__init__()
         self.tp_group, self.tp = resolve_tp_group(tp_group)
         rank = dist.get_rank(self.tp_group)
         self.vocab_size, self.rows = vocab_size, padded_vocab(vocab_size, self.tp) // self.tp
         self.start = rank * self.rows
-        pad = self.rows * self.tp - vocab_size
-        if pad:
-            full = torch.cat([full, full.new_zeros(pad, hidden_size)])
+        full = pad_rows(full, self.tp)
         self.weight = w = nn.Parameter(full[self.start:self.start + self.rows].clone())
         # Marked at every TP degree, as megatron-core marks its parallel linears.
         w.tensor_model_parallel, w.partition_dim, w.partition_stride = True, 0, 1
@@ -80,7 +75,7 @@ class VocabParallelEmbedding(_VocabShard):
         full = torch.empty(vocab_size, hidden_size)
         nn.init.normal_(full)  # nn.Embedding's own draw, then the model's
         nn.init.normal_(full, std=init_std)
-        super().__init__(vocab_size, hidden_size, full, tp_group)
+        super().__init__(vocab_size, full, tp_group)
 
     def forward(self, tokens: torch.Tensor, scatter: bool = False) -> torch.Tensor:
         """`[B, N]` ids -> `[B, N, hidden]`; with `scatter` (sequence parallelism) the
@@ -106,7 +101,7 @@ class VocabParallelHead(_VocabShard):
         full = torch.empty(vocab_size, hidden_size)
         nn.init.kaiming_uniform_(full, a=math.sqrt(5))  # nn.Linear's own draw, then ours
         nn.init.normal_(full, std=init_std)
-        super().__init__(vocab_size, hidden_size, full, tp_group)
+        super().__init__(vocab_size, full, tp_group)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return F.linear(h, self.weight)

@@ -38,6 +38,7 @@ from mhla_dist.convert.reshard import (
 from mhla_dist.convert.universal import is_universal, read_universal_weights, universal_source
 from mhla_dist.convert.zero import consolidate_zero_checkpoint, resolve_checkpoint
 from mhla_dist.parallel import Topology
+from mhla_dist.parallel.tp_state import pad_rows
 
 log = logging.getLogger("mhla_dist.train")
 
@@ -130,10 +131,7 @@ def _padded_vocab_partition(resolve):
         rows = getattr(param, "padded_rows_of", None)
         if rows is None:
             return resolve(param, ckpt_dict, full, tp_rank, tp_size, *args, **kwargs)
-        full = full.view(rows, -1)
-        full = torch.cat([full, full.new_zeros(-(-rows // tp_size) * tp_size - rows,
-                                               full.shape[1])])
-        return full.chunk(tp_size)[tp_rank].flatten()
+        return pad_rows(full.view(rows, -1), tp_size).chunk(tp_size)[tp_rank].flatten()
 
     return slice_for_rank
 
