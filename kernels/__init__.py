@@ -10,6 +10,7 @@ from .decode import MHLADecodeState, mhla_decode_step
 from .feature_maps import FEATURE_MAPS, feature_map
 from .functional import BACKENDS, mhla, resolve_backend
 from .mixing import block_grid_mixing, causal_mixing
+from .packing import DocumentLayout, check_cu_seqlens, document_layout
 from .reference import mhla_reference
 from .stages import (
     IntraBlockTerms,
@@ -22,6 +23,7 @@ from .validation import check_values
 
 __all__ = [
     "BACKENDS",
+    "DocumentLayout",
     "FEATURE_MAPS",
     "IntraBlockTerms",
     "MHLADecodeState",
@@ -30,7 +32,9 @@ __all__ = [
     "block_outputs_intra",
     "block_summaries",
     "causal_mixing",
+    "check_cu_seqlens",
     "check_values",
+    "document_layout",
     "feature_map",
     "mhla",
     "mhla_decode_step",

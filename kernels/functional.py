@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .torch_function import mhla_torch
-from .validation import check_shapes, check_values
+from .validation import check_block_size, check_mixing, check_qkv, check_shapes, check_values
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -56,6 +56,7 @@ def mhla(
     scale: float | None = None,
     backend: str = "auto",
     check_inputs: bool = False,
+    cu_seqlens=None,
 ) -> torch.Tensor:
     """Multi-Head Linear Attention.
 
@@ -77,9 +78,17 @@ def mhla(
         scale: factor of the unnormalised output, default `d ** -0.5`; unused when
             `normalize=True`.
         backend: "auto" | "torch" | "triton".
+        cu_seqlens: packed documents: offsets `[num_docs + 1]` into the flattened `B * N`
+            tokens (every row boundary among them), or a `DocumentLayout`; each document's
+            output is then `mhla` of that document alone (`packing.py`). A document may
+            hold at most `M * block_size` tokens (`M` of `mixing`).
     Returns:
         `[B, N, H, dv]` in v's dtype; accumulation is float32 (float64 for float64).
     """
+    if cu_seqlens is not None:
+        return _mhla_documents(q, k, v, mixing, block_size, cu_seqlens, causal=causal,
+                               normalize=normalize, eps=eps, scale=scale, backend=backend,
+                               check_inputs=check_inputs)
     shape = check_shapes(q, k, v, mixing, block_size)
     if check_inputs:
         check_values(q, k, normalize=normalize)
@@ -93,3 +102,23 @@ def mhla(
         q, k, v, mixing, block_size, shape.num_blocks,
         causal=causal, normalize=normalize, eps=eps, scale=scale,
     )
+
+
+def _mhla_documents(q, k, v, mixing, block_size, cu_seqlens, *, causal, normalize, eps,
+                    scale, backend, check_inputs):
+    """`mhla` of every document of a packed batch: its segments in slots, mixed by the
+    slot mixing `W` (`packing.py`), then back in token order."""
+    from .packing import resolve_layout
+
+    check_qkv(q, k, v)
+    check_block_size(block_size)
+    check_mixing(mixing, q.shape[2], 1)
+    layout = resolve_layout(cu_seqlens, q, mixing, block_size)
+    if layout.cp_size != 1:
+        raise ValueError("this layout is one context-parallel rank's: use cp_mhla")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    dtype = torch.float64 if torch.float64 in (q.dtype, k.dtype, v.dtype) else torch.float32
+    slots = mhla(*(layout.to_slots(x) for x in (q, k, v)), layout.slot_mixing(mixing, dtype),
+                 block_size, causal=causal, normalize=normalize, eps=eps, scale=scale,
+                 backend=backend, check_inputs=check_inputs)
+    return layout.from_slots(slots)

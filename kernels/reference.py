@@ -23,6 +23,7 @@ def mhla_reference(
     normalize: bool = True,
     eps: float = 1e-6,
     scale: float | None = None,
+    cu_seqlens=None,
 ) -> torch.Tensor:
     """Quadratic MHLA.
 
@@ -30,9 +31,21 @@ def mhla_reference(
         q, k: `[B, N, H, d]`, already passed through the feature map.
         v: `[B, N, H, dv]`.
         mixing: `[M, M]` or `[H, M, M]`, at least `ceil(N / block_size)` blocks.
+        cu_seqlens: packed documents (offsets into the flattened `B * N` tokens): every
+            document is run alone, one after another (a loop, on purpose).
     Returns:
         `[B, N, H, dv]` in v's dtype (computed in float64 for float64 inputs, else float32).
     """
+    if cu_seqlens is not None:
+        from .packing import check_cu_seqlens
+
+        b, n = q.shape[:2]
+        cu = check_cu_seqlens(cu_seqlens, b * n, n).tolist()
+        flat = [x.reshape(1, b * n, *x.shape[2:]) for x in (q, k, v)]
+        docs = [mhla_reference(*(x[:, s:e] for x in flat), mixing, block_size, causal=causal,
+                               normalize=normalize, eps=eps, scale=scale)
+                for s, e in zip(cu[:-1], cu[1:])]
+        return torch.cat(docs, 1).view(b, n, *v.shape[2:])
     shape = check_shapes(q, k, v, mixing, block_size)
     n, m = shape.tokens, shape.num_blocks
     dtype = torch.float64 if torch.float64 in (q.dtype, k.dtype, v.dtype) else torch.float32

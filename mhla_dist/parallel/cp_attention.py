@@ -25,9 +25,11 @@ import torch
 import torch.distributed as dist
 
 from mhla_kernels import (
+    DocumentLayout,
     block_outputs,
     block_outputs_intra,
     block_summaries,
+    document_layout,
     mhla,
     mix_summaries,
     resolve_backend,
@@ -80,15 +82,22 @@ def cp_mhla(
     eps: float = 1e-6,
     scale: float | None = None,
     group=None,
+    cu_seqlens=None,
 ) -> torch.Tensor:
     """MHLA over a sequence sharded contiguously across the context-parallel group.
 
     q, k: `[B, N/P, H, d]`, v: `[B, N/P, H, dv]`: this rank's contiguous shard. Returns the
     matching shard of the single-device `mhla` output; gradients match too (`mixing`'s
     summed over the group). `group` defaults to megatron-core's context-parallel group.
+    `cu_seqlens`: packed documents, the **global** offsets over the flattened `B * N`
+    tokens (or this rank's `DocumentLayout`); documents may cross rank boundaries.
     """
     group = resolve_cp_group(group)
     cp, rank = dist.get_world_size(group), dist.get_rank(group)
+    if cu_seqlens is not None:
+        return _cp_mhla_documents(q, k, v, mixing, block_size, cu_seqlens, causal=causal,
+                                  normalize=normalize, eps=eps, scale=scale, group=group,
+                                  cp=cp, rank=rank)
     if cp == 1:
         return mhla(q, k, v, mixing, block_size, causal=causal, normalize=normalize, eps=eps,
                     scale=scale)
@@ -109,3 +118,44 @@ def cp_mhla(
     return block_outputs(q, k, v, t, y, mixing, block_size, causal=causal,
                          normalize=normalize, eps=eps, scale=scale, block_start=block_start,
                          intra=intra)
+
+
+def cp_document_layout(cu_seqlens, q: torch.Tensor, block_size: int, cp: int,
+                       rank: int) -> DocumentLayout:
+    """This rank's layout of the global `cu_seqlens` (or the given layout, checked)."""
+    if isinstance(cu_seqlens, DocumentLayout):
+        if (cu_seqlens.cp_size, cu_seqlens.cp_rank) != (cp, rank):
+            raise ValueError(f"the document layout is CP rank {cu_seqlens.cp_rank} of "
+                             f"{cu_seqlens.cp_size}; this is rank {rank} of {cp}")
+        return cu_seqlens
+    return document_layout(cu_seqlens, q.shape[0], q.shape[1], block_size, cp_size=cp,
+                           cp_rank=rank, device=q.device)
+
+
+def _cp_mhla_documents(q, k, v, mixing, block_size, cu_seqlens, *, causal, normalize, eps,
+                       scale, group, cp, rank):
+    """Packed documents under CP. Every rank lays its segments (what it holds of each
+    block of each document) into `S` slots, `S` the most any rank has, and gathers the
+    slot summaries: `S * H * d * (dv + 1)` elements per rank, `S <= B * (N/P) / C +
+    D + B` with `D` the documents intersecting the rank's shard (counted per row): a
+    document's `l` tokens there are at most `l / C + 1` segments, plus one where it
+    continues from the previous rank in the middle of a block. A block cut by a rank boundary is two segments
+    whose summaries are both in the gather: causal tokens of the later one read the
+    earlier one with `Mc[j, j]`, non-causal ones read both."""
+    layout = cp_document_layout(cu_seqlens, q, block_size, cp, rank)
+    if cp == 1:
+        return mhla(q, k, v, mixing, block_size, causal=causal, normalize=normalize, eps=eps,
+                    scale=scale, cu_seqlens=layout)
+    layout.check(q, mixing, block_size)
+    qs, ks, vs = (layout.to_slots(x) for x in (q, k, v))
+    s, z = block_summaries(ks, vs, block_size)  # [1, S, H, d, dv], [1, S, H, d]
+    pending = start_gather_packed((s, z), 1, group, lead=3)
+    diag = layout.mixing_diagonal(mixing, s.dtype)
+    intra = None
+    if causal and resolve_backend("auto", q, v) == "torch":
+        intra = block_outputs_intra(qs, ks, vs, diag, block_size, normalize=normalize)
+    s_all, z_all = pending.wait()
+    t, y = layout.mix(s_all, z_all, mixing, causal=causal)
+    o = block_outputs(qs, ks, vs, t, y, diag, block_size, causal=causal, normalize=normalize,
+                      eps=eps, scale=scale, intra=intra)
+    return layout.from_slots(o)
