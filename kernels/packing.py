@@ -110,25 +110,45 @@ def _segments(cu: torch.Tensor, block_size: int, chunk: int):
     return seg_start, seg_stop, blk_doc[seg_blk], j[seg_blk], int(blocks.max())
 
 
-class _Slots(torch.autograd.Function):
-    """`x` `[B, n, H, e]` -> `[1, S * C, H, e]` by `index` (the padding index `B * n` reads
-    zeros), or back; the two directions are each other's adjoint (the indices are
-    injective on the real tokens), so each backward is the other forward: no scatter."""
+def _scatter(x: torch.Tensor, index: torch.Tensor, slots: int) -> torch.Tensor:
+    """Tokens `x` `[B, n, ...]` into `[1, slots, ...]` at `index` `[B * n]`, zeros elsewhere."""
+    flat = x.reshape(-1, *x.shape[2:])
+    return flat.new_zeros(slots, *flat.shape[1:]).index_copy_(0, index, flat).unsqueeze(0)
+
+
+def _gather(x: torch.Tensor, index: torch.Tensor, shape) -> torch.Tensor:
+    """Slots `x` `[1, S, ...]` at `index` `[B * n]` as tokens `[*shape, ...]`."""
+    return x[0].index_select(0, index).view(*shape, *x.shape[2:])
+
+
+class _ToSlots(torch.autograd.Function):
+    """Tokens into their slots (zero padding between); the adjoint gathers them back."""
 
     @staticmethod
-    def forward(ctx, x, into, back, shape_back):
-        ctx.back, ctx.shape_back = back, tuple(x.shape[:2])
-        return _apply_index(x, into, shape_back)
+    def forward(ctx, x, index, slots):
+        ctx.save_for_backward(index)
+        ctx.shape = tuple(x.shape[:2])
+        return _scatter(x, index, slots)
 
     @staticmethod
     def backward(ctx, g):
-        return _apply_index(g.contiguous(), ctx.back, ctx.shape_back), None, None, None
+        (index,) = ctx.saved_tensors
+        return _gather(g, index, ctx.shape), None, None
 
 
-def _apply_index(x: torch.Tensor, index: torch.Tensor, shape) -> torch.Tensor:
-    flat = x.reshape(-1, *x.shape[2:])
-    padded = torch.cat([flat, flat.new_zeros(1, *flat.shape[1:])])
-    return padded.index_select(0, index).view(*shape, *x.shape[2:])
+class _FromSlots(torch.autograd.Function):
+    """Slots back to tokens; the adjoint scatters the gradient into the slots."""
+
+    @staticmethod
+    def forward(ctx, x, index, shape):
+        ctx.save_for_backward(index)
+        ctx.slots = x.shape[1]
+        return _gather(x, index, shape)
+
+    @staticmethod
+    def backward(ctx, g):
+        (index,) = ctx.saved_tensors
+        return _scatter(g, index, ctx.slots), None, None
 
 
 @dataclass(frozen=True)
@@ -146,7 +166,6 @@ class DocumentLayout:
     num_slots: int          # slots per rank (the most segments any rank has)
     max_doc_blocks: int     # blocks of the longest document
     slot_of_token: torch.Tensor  # [B * n] slot position of every local token
-    token_of_slot: torch.Tensor  # [S * C] local token in every slot position (B * n: padding)
     row_block: torch.Tensor      # [S] document-relative block of this rank's slots
     row_doc: torch.Tensor        # [S] document of this rank's slots (-1: padding)
     col_block: torch.Tensor      # [P * S] the same for the gathered slots of every rank
@@ -182,13 +201,11 @@ class DocumentLayout:
 
     def to_slots(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's tokens `[B, n, H, e]` -> slots `[1, S * C, H, e]` (zero padded)."""
-        return _Slots.apply(x, self.token_of_slot, self.slot_of_token,
-                            (1, self.num_slots * self.block_size))
+        return _ToSlots.apply(x, self.slot_of_token, self.num_slots * self.block_size)
 
     def from_slots(self, o: torch.Tensor) -> torch.Tensor:
         """Slots `[1, S * C, H, e]` -> this rank's tokens `[B, n, H, e]`."""
-        return _Slots.apply(o, self.slot_of_token, self.token_of_slot,
-                            (self.batch, self.local_tokens))
+        return _FromSlots.apply(o, self.slot_of_token, (self.batch, self.local_tokens))
 
     def slot_mixing(self, mixing: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Single device: `W[s, s'] = Mc[j_s, j_s'] [doc_s == doc_s']`, `[S, S]` or
@@ -228,7 +245,7 @@ class DocumentLayout:
         return torch.diag_embed(diag)
 
 
-_INDEX_FIELDS = ("slot_of_token", "token_of_slot", "row_block", "row_doc", "col_block",
+_INDEX_FIELDS = ("slot_of_token", "row_block", "row_doc", "col_block",
                  "col_doc")
 
 
@@ -265,13 +282,11 @@ def document_layout(cu_seqlens, batch: int, local_tokens: int, block_size: int, 
     seg = torch.repeat_interleave(torch.arange(lengths.numel()), lengths, output_size=tokens)
     offset = torch.arange(tokens) - (torch.cumsum(lengths, 0) - lengths)[seg]
     slot_of_token = seg * block_size + offset
-    token_of_slot = torch.full((slots * block_size,), tokens, dtype=torch.int64)
-    token_of_slot[slot_of_token] = torch.arange(tokens)
     lo = cp_rank * slots
     layout = DocumentLayout(
         block_size=block_size, batch=batch, local_tokens=local_tokens, cp_size=cp_size,
         cp_rank=cp_rank, num_slots=slots, max_doc_blocks=max_blocks,
-        slot_of_token=slot_of_token, token_of_slot=token_of_slot,
+        slot_of_token=slot_of_token,
         row_block=col_block[lo:lo + slots].clone(), row_doc=col_doc[lo:lo + slots].clone(),
         col_block=col_block, col_doc=col_doc)
     return layout if device is None else layout.to(device)

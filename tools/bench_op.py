@@ -4,6 +4,7 @@
     python tools/bench_op.py --quick            # N = 1K..4K, a few seconds
     python tools/bench_op.py --non-causal       # the DiT's path against the plain einsum form
     python tools/bench_op.py --device cuda --dtype bfloat16 --non-causal
+    python tools/bench_op.py --packed           # packed documents against unpacked
 
 Two sweeps show where the cost comes from: `fixed-block` keeps the block size (M grows
 with N, so the M^2 mix grows), `fixed-count` keeps the number of blocks (the operator is
@@ -17,6 +18,9 @@ identity of DESIGN §1).
 formula (summaries by one einsum, the mix as one matmul over blocks, outputs by one
 einsum, autograd for the backward), measured back to back, alternating which goes first;
 the targets are the ratios mhla / plain (at most 1.0 everywhere).
+
+`--packed` runs packed documents (`cu_seqlens`) against the same N unpacked
+(`bench_op_packed.py`).
 
 Each measurement runs in a fresh child process. On CPU the children run with
 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000: otherwise glibc hands every
@@ -41,6 +45,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bench_op_packed import packed_sweep, packed_table, packed_targets
 
 log = logging.getLogger("bench_op")
 MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "100000000000"}
@@ -83,6 +89,13 @@ def _make_run(spec: dict, variant: str):
     if variant == "plain":
         def run():
             return plain_mhla(q, k, v, mixing, m, normalize=normalize)
+    elif variant == "mhla-packed":
+        from bench_op_packed import document_offsets
+
+        cu = document_offsets(n, spec["doc_len"])
+
+        def run():
+            return mhla(q, k, v, mixing, c, causal=causal, normalize=normalize, cu_seqlens=cu)
     else:
         backend = variant.split("-", 1)[1] if variant.startswith("mhla") else "torch"
 
@@ -409,6 +422,11 @@ def parse_args(argv=None):
                    help="the non-causal sweep against the plain einsum form")
     p.add_argument("--nc-blocks", type=lambda s: [int(x) for x in s.split(",")],
                    default=[16, 64], help="block counts M of the non-causal sweep")
+    p.add_argument("--packed", action="store_true",
+                   help="packed documents (cu_seqlens) against unpacked, causal")
+    p.add_argument("--doc-len", type=int, default=300, help="--packed: mean document length")
+    p.add_argument("--packed-blocks", type=lambda s: [int(x) for x in s.split(",")],
+                   default=[64, 256], help="--packed: block sizes")
     p.add_argument("--repeats", type=int, default=3, help="timed runs; the median is kept")
     p.add_argument("--sdpa-max-n", type=int, default=16384, help="CPU only")
     p.add_argument("--timeout", type=float, default=600, help="seconds per measurement")
@@ -417,11 +435,13 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.ns, args.repeats = [1024, 2048, 4096], 1
+    elif args.packed and "--ns" not in " ".join(argv or sys.argv):
+        args.ns = [4096, 8192, 16384, 32768]
     if args.dtype is None:
         args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     if args.out is None:
         kind = "cuda" if args.device.startswith("cuda") else "cpu"
-        suffix = "_noncausal" if args.non_causal else ""
+        suffix = "_noncausal" if args.non_causal else "_packed" if args.packed else ""
         args.out = ROOT / "benchmarks" / "results" / f"bench_op_{kind}{suffix}.json"
     return args
 
@@ -433,7 +453,13 @@ def main(argv=None) -> None:
         print(json.dumps(measure_pair(spec) if "variants" in spec else measure(spec)))
         return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    rows = noncausal_sweep(args) if args.non_causal else sweep(args)
+    if args.packed:
+        rows = packed_sweep(args, run_child)
+        targets_of, table_of = packed_targets, packed_table
+    else:
+        rows = noncausal_sweep(args) if args.non_causal else sweep(args)
+        targets_of = noncausal_targets if args.non_causal else targets
+        table_of = table
     name = device_name(args.device)
     report = {
         "device": name, "python": platform.python_version(),
@@ -441,16 +467,18 @@ def main(argv=None) -> None:
         "env": MALLOC_ENV if args.device == "cpu" else {},
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                    if k != "child"},
-        "targets": noncausal_targets(rows) if args.non_causal else targets(rows),
+        "targets": targets_of(rows),
         "results": rows,
     }
-    print(table(rows))
+    print(table_of(rows))
     for key, t in report["targets"].items():
         print(f"{key}: {t['value']:.3f} (limit {t['limit']}) {'met' if t['met'] else 'MISSED'}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     png = args.out.with_suffix(".png")
     causal = "causal" if not args.non_causal else "non-causal"
+    if args.packed:
+        causal += f" packed (~{args.doc_len}-token documents) vs unpacked"
     plot(rows, png, f"MHLA {causal}, B={args.batch} H={args.heads} d={args.dim} "
                     f"{args.dtype}, {name}")
     print(f"wrote {args.out} and {png}")
