@@ -35,6 +35,10 @@ class LMConfig:
     output_gate: bool = True
     rotary: bool = False
     rope_theta: float = 10000.0
+    # Rotary positions restart at every document when document masking is on (as
+    # Megatron's THD and fla's varlen rotary do); attention is relative in the rotary
+    # angle, so this changes only rounding, and keeps positions within what generation sees.
+    rope_per_document: bool = True
     per_head_mixing: bool = False
     softmax_layers: list[int] = field(default_factory=list)  # hybrid: SDPA in these layers
     # The output norm and gate in the softmax layers too (false: those layers are plain
@@ -67,6 +71,9 @@ class DataConfig:
     shuffle_buffer: int = 1000
     seed: int = 0
     num_kv_pairs: int = 8  # mqar: key-value pairs per sequence
+    # Packed text: attention restarts at every document (the batch carries `cu_seqlens`)
+    # and no target crosses a document boundary; false attends across documents.
+    document_masking: bool = True
 
 
 @dataclass

@@ -7,6 +7,7 @@ loader = lm_loader("data/train-{000000..000099}.tar", seq_len=4096, batch_size=8
                    dp_rank=topo.dp_rank, dp_size=topo.dp_size, num_workers=2, seed=1234)
 for batch in loader:                       # {"tokens", "doc_ids"}: [B, seq_len + 1]
     local = cp_slice(batch, cp_rank, cp_size)   # input_ids, labels, doc_ids: [B, seq_len/CP]
+                                                # cu_seqlens: global offsets [num_docs + 1]
 state = loader.state_dict()                # after a restore: the same next batches
 ```
 Shards are split by DP rank, then by loader worker; every TP and CP rank of one DP replica
@@ -15,7 +16,14 @@ and what happens when the DP size changes, `samples.py` for the shard formats.
 """
 
 from mhla_dist.data.default_corpus import CorpusInfo, build_default_corpus, default_documents
-from mhla_dist.data.lm import IGNORE_INDEX, TokenWindows, cp_slice, lm_loader, shift_tokens
+from mhla_dist.data.lm import (
+    IGNORE_INDEX,
+    TokenWindows,
+    cp_slice,
+    document_offsets,
+    lm_loader,
+    shift_tokens,
+)
 from mhla_dist.data.loader import BatchSource, StreamingLoader, to_device
 from mhla_dist.data.samples import decode_clip, decode_document
 from mhla_dist.data.shards import expand_urls, read_shard
@@ -36,7 +44,7 @@ __all__ = [
     "BYTE_VOCAB_SIZE", "EOS_ID", "IGNORE_INDEX", "BadDataEvent", "BatchSource", "ByteTokenizer",
     "ClipBatches", "CorpusInfo", "DataStats", "NoValidDataError", "ShardSink", "ShardSummary",
     "StreamingLoader", "TokenWindows", "Tokenizer", "build_default_corpus", "clip_sample",
-    "cp_slice", "decode_clip", "decode_document", "default_documents", "epoch_shards",
-    "expand_urls", "load_tokenizer", "lm_loader", "read_shard", "shift_tokens",
+    "cp_slice", "decode_clip", "decode_document", "default_documents", "document_offsets",
+    "epoch_shards", "expand_urls", "load_tokenizer", "lm_loader", "read_shard", "shift_tokens",
     "synthetic_clip", "to_device", "token_sample", "video_loader", "write_synthetic_video",
 ]

@@ -10,6 +10,15 @@ padded targets into `ignore_index`). Windows never cross epochs.
 A batch is `{"tokens": int64 [B, seq_len + 1], "doc_ids": int64 [B, seq_len + 1]}`: the
 document id of every token (the EOS belongs to the document it ends), so a model can mask
 attention across documents. The last batch of an epoch may hold fewer rows.
+
+Document masking (DESIGN §1 "Packed documents"): `shift_tokens` derives from the doc ids
+the `cu_seqlens` of the inputs, flash-linear-attention's offsets over the `B * seq_len`
+flattened tokens (a document starts at every row start and wherever the doc id changes;
+the padding run is one more document), and ignores the target that crosses a document
+boundary. Deriving them from `doc_ids`, not emitting them from the packer, makes any batch
+with doc ids work (a restored loader, a test's hand-made batch). A document boundary is
+a change of id: two neighbouring documents with one id (a shard set that repeats
+`doc_id`) read as one document.
 """
 
 from __future__ import annotations
@@ -125,29 +134,52 @@ def lm_loader(
                            shuffle_buffer=shuffle_buffer, num_epochs=num_epochs)
 
 
-def shift_tokens(batch: dict[str, torch.Tensor], ignore_index: int = IGNORE_INDEX
-                 ) -> dict[str, torch.Tensor]:
+def document_offsets(doc_ids: torch.Tensor) -> torch.Tensor:
+    """`cu_seqlens [num_docs + 1]` (host int64) of `doc_ids [B, L]` flattened to `B * L`
+    tokens: 0, every row start `b * L`, every position where the id changes within a row,
+    and `B * L`."""
+    ids = doc_ids.detach().cpu()
+    B, L = ids.shape
+    starts = torch.ones(B, L, dtype=torch.bool)
+    starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    bos = torch.nonzero(starts.reshape(-1)).reshape(-1)
+    return torch.cat([bos, torch.tensor([B * L])]).to(torch.int64)
+
+
+def shift_tokens(batch: dict[str, torch.Tensor], ignore_index: int = IGNORE_INDEX,
+                 document_masking: bool = True) -> dict[str, torch.Tensor]:
     """`tokens [B, L+1]` -> `input_ids [B, L]`, `labels [B, L]` (padded targets set to
-    `ignore_index`) and the `doc_ids [B, L]` of the inputs."""
+    `ignore_index`) and the `doc_ids [B, L]` of the inputs.
+
+    `document_masking`: also ignore every target whose doc id differs from its input's (a
+    document's last token predicting the next one's first, at the window end too), and
+    add `cu_seqlens` (`document_offsets` of the input doc ids, on the host even when
+    `doc_ids` is not). False: neither, as before document masking."""
     tokens, doc_ids = batch["tokens"], batch["doc_ids"]
     labels = tokens[:, 1:].clone()
     labels[doc_ids[:, 1:] < 0] = ignore_index
-    return {"input_ids": tokens[:, :-1], "labels": labels, "doc_ids": doc_ids[:, :-1]}
+    out = {"input_ids": tokens[:, :-1], "labels": labels, "doc_ids": doc_ids[:, :-1]}
+    if document_masking:
+        labels[doc_ids[:, 1:] != doc_ids[:, :-1]] = ignore_index
+        out["cu_seqlens"] = document_offsets(out["doc_ids"])
+    return out
 
 
 def cp_slice(batch: dict[str, torch.Tensor], cp_rank: int, cp_size: int,
-             dim: int = 1) -> dict[str, torch.Tensor]:
+             dim: int = 1, document_masking: bool = True) -> dict[str, torch.Tensor]:
     """The contiguous sequence slice context-parallel rank `cp_rank` keeps (DESIGN §2:
     rank r holds tokens [r N/P, (r+1) N/P)).
 
-    An unshifted LM batch (`tokens`, `seq_len + 1` long) is shifted first, so inputs and
-    targets are sliced together. Every tensor whose `dim` has the sequence length is sliced;
-    other values pass through. Video clips are sliced by the model after patchifying.
+    An unshifted LM batch (`tokens`, `seq_len + 1` long) is shifted first (with
+    `document_masking`, see `shift_tokens`), so inputs and targets are sliced together.
+    Every tensor whose `dim` has the sequence length is sliced; other values pass through,
+    `cu_seqlens` always: its offsets are global (DESIGN §1), the same on every CP rank.
+    Video clips are sliced by the model after patchifying.
     """
     if not 0 <= cp_rank < cp_size:
         raise ValueError(f"cp_rank={cp_rank} is not in [0, cp_size={cp_size})")
     if "tokens" in batch and "input_ids" not in batch:
-        batch = shift_tokens(batch)
+        batch = shift_tokens(batch, document_masking=document_masking)
     seq = batch["input_ids"].shape[dim] if "input_ids" in batch else None
     if seq is None:
         raise ValueError(f"cp_slice needs an LM batch (tokens or input_ids), got {sorted(batch)}")
@@ -156,5 +188,6 @@ def cp_slice(batch: dict[str, torch.Tensor], cp_rank: int, cp_size: int,
                          f"context-parallel ranks: make seq_len a multiple of {cp_size}")
     n = seq // cp_size
     return {k: v.narrow(dim, cp_rank * n, n)
-            if isinstance(v, torch.Tensor) and v.dim() > dim and v.shape[dim] == seq else v
+            if k != "cu_seqlens" and isinstance(v, torch.Tensor) and v.dim() > dim
+            and v.shape[dim] == seq else v
             for k, v in batch.items()}

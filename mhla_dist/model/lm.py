@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mhla_dist.config import LMConfig, resolve_lm
 from mhla_dist.parallel.collectives import copy_to_group, gather_from_group
+from mhla_dist.parallel.documents import PackedDocuments
 from mhla_dist.parallel.softmax_attention import ParallelSoftmaxAttention
 from mhla_dist.parallel.tp_layers import (
     ParallelMHLAttention,
@@ -59,14 +60,24 @@ class DecoderLayer(nn.Module):
                 max_blocks=cfg.num_blocks, causal=True, feature=cfg.feature_map,
                 normalize=cfg.normalize, per_head_mixing=cfg.per_head_mixing,
                 mixing_init=causal_mixing(cfg.num_blocks), **common)
+        self.rope_per_document = cfg.rotary and cfg.rope_per_document
         norm_group = tp_group if sp else None
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, grad_group=norm_group)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, grad_group=norm_group)
         self.mlp = ParallelSwiGLU(cfg.hidden_size, cfg.ffn_hidden_size, tp_group=tp_group,
                                   sequence_parallel=sp)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x))
+    def forward(self, x: torch.Tensor, docs: PackedDocuments | None = None) -> torch.Tensor:
+        """`docs`: the packed documents of the batch (attention restarts at each one)."""
+        h = self.attn_norm(x)
+        if docs is None:
+            h = self.attn(h)
+        else:
+            positions = docs.positions if self.rope_per_document else None
+            mhla = isinstance(self.attn, ParallelMHLAttention)
+            h = self.attn(h, docs.layout(self.attn.block_size) if mhla else docs.cu_seqlens,
+                          positions)
+        x = x + h
         return x + self.mlp(self.mlp_norm(x))
 
     def prefill(self, x: torch.Tensor):
@@ -127,24 +138,37 @@ class MHLALanguageModel(nn.Module):
         vocab = self._vocab()
         return vocab.full_logits(F.linear(self.head_input(h, sharded), vocab.weight))
 
-    def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
+    def documents(self, tokens: torch.Tensor, cu_seqlens) -> PackedDocuments | None:
+        """The packed documents of `tokens` (this CP rank's `[B, N_local]`) at the global
+        offsets `cu_seqlens` (over the flattened `B * N` tokens), or None."""
+        if cu_seqlens is None:
+            return None
+        rank, cp = self.layers[0].attn.cp_rank_size()
+        return PackedDocuments(cu_seqlens, tokens.shape[0], tokens.shape[1], cp_rank=rank,
+                               cp_size=cp, device=tokens.device)
+
+    def hidden_states(self, tokens: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
         """The last layer's output (before the final norm) `[B, N_local, hidden]`, or under
-        sequence parallelism this TP rank's `[B, N_local / TP, hidden]` shard."""
+        sequence parallelism this TP rank's `[B, N_local / TP, hidden]` shard.
+        `cu_seqlens`: packed documents (global offsets): attention restarts at each."""
         if self.sequence_parallel:
             sequence_shard_check(tokens.shape[1], self.embed.tp)
+        docs = self.documents(tokens, cu_seqlens)
         h = self.embed(tokens, scatter=self.sequence_parallel)
         for layer in self.layers:
             if self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
-                h = checkpoint(layer, h, use_reentrant=False)
+                h = checkpoint(layer, h, docs, use_reentrant=False)
             else:
-                h = layer(h)
+                h = layer(h, docs)
         return h
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
-                ignore_index: int = -100):
+                ignore_index: int = -100, cu_seqlens=None):
         """Logits `[B, N_local, V]`; with `targets`, the loss `(sum, count)` instead, by
-        the chunked head + cross-entropy that never holds the logits (`loss`)."""
-        h, sp = self.hidden_states(tokens), self.sequence_parallel
+        the chunked head + cross-entropy that never holds the logits (`loss`).
+        `cu_seqlens`: packed documents, global offsets over the flattened `B * N` tokens
+        (what the data loader emits): every document is modelled alone."""
+        h, sp = self.hidden_states(tokens, cu_seqlens), self.sequence_parallel
         if targets is None:
             return self.logits(h, sp)
         vocab = self._vocab()
@@ -154,11 +178,12 @@ class MHLALanguageModel(nn.Module):
                                     tp_group=vocab.tp_group if vocab.tp > 1 else None,
                                     vocab_size=self.cfg.vocab_size, reduce_hidden_grad=False)
 
-    def loss(self, tokens: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100):
+    def loss(self, tokens: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+             cu_seqlens=None):
         """`(sum of token cross-entropies, number of target tokens)` on this rank: the
         trainer divides by the global count (DESIGN §2). Equal to `token_loss` of the
         logits, without holding them."""
-        return self(tokens, targets, ignore_index)
+        return self(tokens, targets, ignore_index, cu_seqlens)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -139,9 +139,9 @@ def _cp_mhla_documents(q, k, v, mixing, block_size, cu_seqlens, *, causal, norma
     slot summaries: `S * H * d * (dv + 1)` elements per rank, `S <= B * (N/P) / C +
     D + B` with `D` the documents intersecting the rank's shard (counted per row): a
     document's `l` tokens there are at most `l / C + 1` segments, plus one where it
-    continues from the previous rank in the middle of a block. A block cut by a rank boundary is two segments
-    whose summaries are both in the gather: causal tokens of the later one read the
-    earlier one with `Mc[j, j]`, non-causal ones read both."""
+    continues from the previous rank in the middle of a block. A block cut by a rank
+    boundary is two segments whose summaries are both in the gather: causal tokens of the
+    later one read the earlier one with `Mc[j, j]`, non-causal ones read both."""
     layout = cp_document_layout(cu_seqlens, q, block_size, cp, rank)
     if cp == 1:
         return mhla(q, k, v, mixing, block_size, causal=causal, normalize=normalize, eps=eps,

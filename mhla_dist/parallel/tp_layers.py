@@ -101,12 +101,14 @@ def resolve_tp_group(tp_group=None):
 
 def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
     """Rotary position embedding (halves rotated, NeoX style) of `x` `[B, N, H, d]` at
-    the global token `positions` `[N]`."""
+    the token `positions`: `[N]` for every row, or `[B, N]` (per-document positions)."""
     half = x.shape[-1] // 2
     freqs = theta ** (-torch.arange(half, dtype=torch.float64, device=x.device) / half)
-    angles = positions.to(torch.float64)[:, None] * freqs  # [N, half]
-    cos = angles.cos().to(x.dtype)[None, :, None, :]
-    sin = angles.sin().to(x.dtype)[None, :, None, :]
+    angles = positions.to(torch.float64)[..., None] * freqs  # [(B,) N, half]
+    if angles.dim() == 2:
+        angles = angles[None]
+    cos = angles.cos().to(x.dtype)[:, :, None, :]
+    sin = angles.sin().to(x.dtype)[:, :, None, :]
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
@@ -166,6 +168,17 @@ class AttentionProjections(nn.Module):
         if start is None:
             start = self.cp_rank_size()[0] * n_local
         return torch.arange(start, start + n_local, device=device)
+
+    def token_positions(self, x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        """Rotary positions of the region input `x` `[B, n, hidden]`: the given ones
+        (`[B, n]`, e.g. within each document, or `[n]`), or the global ones."""
+        b, n = x.shape[:2]
+        if positions is None:
+            return self.positions(n, device=x.device)
+        if tuple(positions.shape) not in ((b, n), (n,)):
+            raise ValueError(f"positions has shape {tuple(positions.shape)}; expected [B, n] = "
+                             f"[{b}, {n}] or [n] = [{n}], this rank's tokens")
+        return positions.to(x.device, non_blocking=True)
 
     def enter(self, x: torch.Tensor) -> torch.Tensor:
         """The region's input: under SP the TP-gathered sequence `[B, N_local, hidden]`."""
@@ -282,11 +295,14 @@ class ParallelMHLAttention(AttentionProjections):
         mixing = self.effective_mixing()
         return self.replicated(mixing) if self.mixing.dim() == 2 else mixing
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cu_seqlens=None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """`cu_seqlens`: packed documents, the global offsets (or this rank's
+        `DocumentLayout`); `positions`: `[B, n]` rotary positions (default: global)."""
         x, sp = self.enter(x), self.sequence_parallel
-        q, k, v = self.features(x, self.positions(x.shape[1], device=x.device), sp)
+        q, k, v = self.features(x, self.token_positions(x, positions), sp)
         o = cp_mhla(q, k, v, self.mixing_for_heads(), self.block_size, causal=self.causal,
-                    normalize=self.normalize, group=self.cp_group)
+                    normalize=self.normalize, group=self.cp_group, cu_seqlens=cu_seqlens)
         return self.finish(o, x, sp)
 
     @torch.no_grad()

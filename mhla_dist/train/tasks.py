@@ -46,11 +46,17 @@ class LMTask:
                          seed=d.seed, shuffle=split == "train", shuffle_buffer=d.shuffle_buffer,
                          vocab_size=self.cfg.model.vocab_size)
 
+    def local(self, batch: dict) -> dict:
+        """This CP rank's slice of `batch` (with the global document offsets, host-side,
+        when `data.document_masking`)."""
+        return cp_slice(batch, self.topo.cp_rank, self.topo.cp,
+                        document_masking=self.cfg.data.document_masking)
+
     def loss(self, engine, batch: dict):
-        local = cp_slice(batch, self.topo.cp_rank, self.topo.cp)
+        local = self.local(batch)
         tokens = local["input_ids"].to(self.topo.device)
         targets = local["labels"].to(self.topo.device)
-        return engine(tokens, targets, IGNORE_INDEX)
+        return engine(tokens, targets, IGNORE_INDEX, cu_seqlens=local.get("cu_seqlens"))
 
     def eval_metric_names(self) -> list[str]:
         return ["accuracy"] if self.cfg.data.kind == "mqar" else []
@@ -60,7 +66,7 @@ class LMTask:
         position (the full logits: MQAR's vocabulary is small)."""
         if self.cfg.data.kind != "mqar":
             return {}
-        local = cp_slice(batch, self.topo.cp_rank, self.topo.cp)
+        local = self.local(batch)
         tokens = local["input_ids"].to(self.topo.device)
         targets = local["labels"].to(self.topo.device)
         scored = targets != IGNORE_INDEX
@@ -70,8 +76,7 @@ class LMTask:
     def count(self, batch: dict) -> torch.Tensor:
         """This rank's target tokens (padding excluded) in `batch`, counted on the host
         batch (no device sync)."""
-        local = cp_slice(batch, self.topo.cp_rank, self.topo.cp)
-        return (local["labels"] != IGNORE_INDEX).sum()
+        return (self.local(batch)["labels"] != IGNORE_INDEX).sum()
 
     def set_position(self, step: int | None, micro: int) -> None:
         """Which step and micro-batch the next `loss` belongs to (unused: no sampling)."""

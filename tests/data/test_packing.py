@@ -44,10 +44,12 @@ def test_eos_belongs_to_the_document_it_ends():
 def test_shift_masks_padded_targets():
     batch = {"tokens": torch.tensor([[5, 6, 7, 0, 0]]),
              "doc_ids": torch.tensor([[1, 1, 2, -1, -1]])}
-    out = shift_tokens(batch)
+    out = shift_tokens(batch, document_masking=False)
     assert out["input_ids"].tolist() == [[5, 6, 7, 0]]
     assert out["labels"].tolist() == [[6, 7, IGNORE_INDEX, IGNORE_INDEX]]
     assert out["doc_ids"].tolist() == [[1, 1, 2, -1]]
+    # document masking (the default) also ignores target 7 of input 6: it crosses documents
+    assert shift_tokens(batch)["labels"].tolist() == [[6] + [IGNORE_INDEX] * 3]
 
 
 def test_cp_slice_errors_name_the_numbers():
