@@ -10,7 +10,13 @@ from .decode import MHLADecodeState, mhla_decode_step
 from .feature_maps import FEATURE_MAPS, feature_map
 from .functional import BACKENDS, mhla, resolve_backend
 from .mixing import block_grid_mixing, causal_mixing
-from .packing import DocumentLayout, check_cu_seqlens, document_layout
+from .packing import (
+    DocumentLayout,
+    check_cu_seqlens,
+    document_ids,
+    document_layout,
+    document_positions,
+)
 from .reference import mhla_reference
 from .stages import (
     IntraBlockTerms,
@@ -34,7 +40,9 @@ __all__ = [
     "causal_mixing",
     "check_cu_seqlens",
     "check_values",
+    "document_ids",
     "document_layout",
+    "document_positions",
     "feature_map",
     "mhla",
     "mhla_decode_step",

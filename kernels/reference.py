@@ -44,7 +44,7 @@ def mhla_reference(
         flat = [x.reshape(1, b * n, *x.shape[2:]) for x in (q, k, v)]
         docs = [mhla_reference(*(x[:, s:e] for x in flat), mixing, block_size, causal=causal,
                                normalize=normalize, eps=eps, scale=scale)
-                for s, e in zip(cu[:-1], cu[1:])]
+                for s, e in zip(cu[:-1], cu[1:], strict=False)]
         return torch.cat(docs, 1).view(b, n, *v.shape[2:])
     shape = check_shapes(q, k, v, mixing, block_size)
     n, m = shape.tokens, shape.num_blocks
