@@ -119,6 +119,6 @@ def _mhla_documents(q, k, v, mixing, block_size, cu_seqlens, *, causal, normaliz
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     dtype = torch.float64 if torch.float64 in (q.dtype, k.dtype, v.dtype) else torch.float32
     slots = mhla(*(layout.to_slots(x) for x in (q, k, v)), layout.slot_mixing(mixing, dtype),
-                 block_size, causal=causal, normalize=normalize, eps=eps, scale=scale,
+                 layout.slot_size, causal=causal, normalize=normalize, eps=eps, scale=scale,
                  backend=backend, check_inputs=check_inputs)
     return layout.from_slots(slots)

@@ -159,6 +159,7 @@ class DocumentLayout:
     Build it with `document_layout`; `mhla` and `cp_mhla` accept it as `cu_seqlens`."""
 
     block_size: int
+    slot_size: int          # tokens per slot: block_size, or a divisor of it
     batch: int
     local_tokens: int
     cp_size: int
@@ -200,8 +201,9 @@ class DocumentLayout:
                 "or size Mc for a longer max_seq_len)")
 
     def to_slots(self, x: torch.Tensor) -> torch.Tensor:
-        """This rank's tokens `[B, n, H, e]` -> slots `[1, S * C, H, e]` (zero padded)."""
-        return _ToSlots.apply(x, self.slot_of_token, self.num_slots * self.block_size)
+        """This rank's tokens `[B, n, H, e]` -> slots `[1, S * slot_size, H, e]` (zero
+        padded)."""
+        return _ToSlots.apply(x, self.slot_of_token, self.num_slots * self.slot_size)
 
     def from_slots(self, o: torch.Tensor) -> torch.Tensor:
         """Slots `[1, S * C, H, e]` -> this rank's tokens `[B, n, H, e]`."""
@@ -250,19 +252,29 @@ _INDEX_FIELDS = ("slot_of_token", "row_block", "row_doc", "col_block",
 
 
 def document_layout(cu_seqlens, batch: int, local_tokens: int, block_size: int, *,
-                    cp_size: int = 1, cp_rank: int = 0, device=None) -> DocumentLayout:
+                    cp_size: int = 1, cp_rank: int = 0, slot_size: int | None = None,
+                    device=None) -> DocumentLayout:
     """The `DocumentLayout` of CP rank `cp_rank` of `cp_size` for a batch of `batch` rows
     of `cp_size * local_tokens` tokens with documents at `cu_seqlens` (global offsets over
     the flattened `batch * cp_size * local_tokens` tokens). Host work only; the index
-    tensors are then moved to `device`."""
+    tensors are then moved to `device`.
+
+    `slot_size` (a divisor of `block_size`, default `block_size`): segments are cut
+    further into slots of this many tokens (virtual blocks: `W` still reads `Mc` of the
+    real block), which pads a short document less and makes more slots to mix."""
     if not 0 <= cp_rank < cp_size:
         raise ValueError(f"cp_rank={cp_rank} is not in [0, cp_size={cp_size})")
     if block_size < 1 or local_tokens < 1 or batch < 1:
         raise ValueError(f"block_size={block_size}, local_tokens={local_tokens} and "
                          f"batch={batch} must be >= 1")
+    slot_size = block_size if slot_size is None else slot_size
+    if slot_size < 1 or block_size % slot_size:
+        raise ValueError(f"slot_size={slot_size} must divide block_size={block_size}")
     row = cp_size * local_tokens
     cu = check_cu_seqlens(cu_seqlens, batch * row, row)
-    start, stop, doc, block, max_blocks = _segments(cu, block_size, local_tokens)
+    start, stop, doc, block, _ = _segments(cu, slot_size, local_tokens)
+    block = block // (block_size // slot_size)
+    max_blocks = -(-int((cu[1:] - cu[:-1]).max()) // block_size)
     shard = start // local_tokens
     owner = shard % cp_size
     counts = torch.bincount(owner, minlength=cp_size)
@@ -281,10 +293,10 @@ def document_layout(cu_seqlens, batch: int, local_tokens: int, block_size: int, 
     tokens = batch * local_tokens
     seg = torch.repeat_interleave(torch.arange(lengths.numel()), lengths, output_size=tokens)
     offset = torch.arange(tokens) - (torch.cumsum(lengths, 0) - lengths)[seg]
-    slot_of_token = seg * block_size + offset
+    slot_of_token = seg * slot_size + offset
     lo = cp_rank * slots
     layout = DocumentLayout(
-        block_size=block_size, batch=batch, local_tokens=local_tokens, cp_size=cp_size,
+        block_size=block_size, slot_size=slot_size, batch=batch, local_tokens=local_tokens, cp_size=cp_size,
         cp_rank=cp_rank, num_slots=slots, max_doc_blocks=max_blocks,
         slot_of_token=slot_of_token,
         row_block=col_block[lo:lo + slots].clone(), row_doc=col_doc[lo:lo + slots].clone(),
@@ -292,13 +304,37 @@ def document_layout(cu_seqlens, batch: int, local_tokens: int, block_size: int, 
     return layout if device is None else layout.to(device)
 
 
+def slot_size_for(cu_seqlens, block_size: int, head_dim: int, *, smallest: int = 16) -> int:
+    """The single-device slot size (a divisor of `block_size`, at least `smallest`) of
+    least estimated work: per head, `P (6 d^2 + 4 c' d)` for the `P` slot tokens (their
+    summaries, outputs and the causal sub-chunks of `c'` tokens) plus `2 S^2 d^2` for the
+    mix of the `S` slots. Smaller slots pad short documents less but mix more slots."""
+    cu = torch.as_tensor(cu_seqlens).to("cpu", torch.int64)
+    lengths = cu[1:] - cu[:-1]
+    full, rest = lengths // block_size, lengths % block_size
+    best, best_cost = block_size, None
+    c = block_size
+    while c >= min(smallest, block_size) and block_size % c == 0:
+        slots = int((full * (block_size // c)).sum() + ((rest + c - 1) // c).sum())
+        sub = blocked.subchunk_size(c)
+        cost = slots * c * (6 * head_dim**2 + 4 * sub * head_dim) + 2 * slots**2 * head_dim**2
+        if best_cost is None or cost < best_cost:
+            best, best_cost = c, cost
+        if c % 2:
+            break
+        c //= 2
+    return best
+
+
 def resolve_layout(cu_seqlens, q: torch.Tensor, mixing: torch.Tensor,
                    block_size: int) -> DocumentLayout:
-    """`cu_seqlens` as a single-device (or already built) layout for `q`, checked."""
+    """`cu_seqlens` as a single-device (or already built) layout for `q`, checked; built
+    here, its slot size is `slot_size_for`'s."""
     if isinstance(cu_seqlens, DocumentLayout):
         layout = cu_seqlens
     else:
-        layout = document_layout(cu_seqlens, q.shape[0], q.shape[1], block_size,
-                                 device=q.device)
+        cu = check_cu_seqlens(cu_seqlens, q.shape[0] * q.shape[1], q.shape[1])
+        layout = document_layout(cu, q.shape[0], q.shape[1], block_size, device=q.device,
+                                 slot_size=slot_size_for(cu, block_size, q.shape[-1]))
     layout.check(q, mixing, block_size)
     return layout

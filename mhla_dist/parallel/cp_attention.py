@@ -148,6 +148,7 @@ def _cp_mhla_documents(q, k, v, mixing, block_size, cu_seqlens, *, causal, norma
                     scale=scale, cu_seqlens=layout)
     layout.check(q, mixing, block_size)
     qs, ks, vs = (layout.to_slots(x) for x in (q, k, v))
+    block_size = layout.slot_size
     s, z = block_summaries(ks, vs, block_size)  # [1, S, H, d, dv], [1, S, H, d]
     pending = start_gather_packed((s, z), 1, group, lead=3)
     diag = layout.mixing_diagonal(mixing, s.dtype)

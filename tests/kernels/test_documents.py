@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mhla_kernels import check_cu_seqlens, document_layout, mhla, mhla_reference
+from mhla_kernels.packing import slot_size_for
 from tests.kernels.inputs import make_inputs
 from tests.numerics import rel_err
 
@@ -132,3 +133,37 @@ def test_offsets_must_hold_row_boundaries_and_integers():
         check_cu_seqlens(torch.tensor([0.0, 40.0]), 40)
     assert check_cu_seqlens(torch.tensor([0, 20, 40], dtype=torch.int32), 40, 20).dtype \
         == torch.int64
+
+
+@pytest.mark.parametrize("slot_size", [8, 4, 2])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_slots_smaller_than_blocks_are_virtual_blocks(causal, slot_size):
+    """Segments cut into slots of a divisor of C still read `Mc` of their real block."""
+    q, k, v, mixing = make_inputs(2, 45, 2, 4, 3, 8, per_head=True, seed=5)
+    cu = random_offsets(90, 45, max_len=30, seed=1)
+    layout = document_layout(cu, 2, 45, 8, slot_size=slot_size)
+    assert layout.slot_size == slot_size and layout.max_doc_blocks <= 6
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, mixing)]
+    out = mhla(*leaves, 8, causal=causal, cu_seqlens=layout)
+    ref = per_document(q, k, v, mixing, 8, cu, causal=causal)
+    assert rel_err(out, ref) < 1e-12
+    grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+    ref_leaves = [x.clone().requires_grad_() for x in (q, k, v, mixing)]
+    ref = per_document(*ref_leaves, 8, cu, causal=causal)
+    for a, b in zip(grads, torch.autograd.grad(ref, ref_leaves, torch.ones_like(ref)),
+                    strict=True):
+        assert rel_err(a, b, floor=1e-6) < 1e-11
+    with pytest.raises(ValueError, match="slot_size=3 must divide block_size=8"):
+        document_layout(cu, 2, 45, 8, slot_size=3)
+
+
+def test_slot_size_trades_padding_against_the_mix():
+    # 200-token documents: a block of 512 pads each by 312 tokens, a slot of 256 by 56
+    # (and smaller slots pad no less); with whole blocks of 256 nothing is to be saved.
+    lengths = torch.full((80,), 200)
+    cu = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(lengths, 0)])
+    assert slot_size_for(cu, 512, 64) == 256 and slot_size_for(cu, 256, 64) == 256
+    # One long document: nothing is padded, whole blocks are best.
+    assert slot_size_for(torch.tensor([0, 16384]), 256, 64) == 256
+    # Very short documents: small slots.
+    assert slot_size_for(torch.arange(0, 16385, 16), 256, 64) == 16

@@ -1,6 +1,7 @@
 """The MHLA LM at CP = 2, TP = 2 and TP = 2 x CP = 2 equals the single-process model with
 the same full weights: the global loss and every parameter gradient (TP shards gathered,
-CP contributions summed -- what the DP x CP reduction does)."""
+CP contributions summed -- what the DP x CP reduction does), on plain and on packed
+batches (global document offsets; documents and blocks cut by the CP boundary)."""
 
 import pytest
 import torch
@@ -13,6 +14,9 @@ from tests.parallel.harness import run_ranks
 CASES = {"mhla": {}, "hybrid-perhead": {"softmax_layers": [1], "per_head_mixing": True},
          # A vocabulary that TP does not divide: padded rows, vocab-parallel untied head.
          "untied-ragged-vocab": {"tie_embeddings": False, "vocab_size": 51}}
+# Two rows of 64 tokens; at CP = 2 the boundary (32, 96) cuts the documents 21-40 (inside
+# its block 29-37) and 70-128; length-1 documents at 0 and 70.
+OFFSETS = torch.tensor([0, 1, 21, 40, 64, 70, 71, 128])
 
 
 def lm_rank_fn(rank, world, tp, cp, sp=False):
@@ -26,18 +30,20 @@ def lm_rank_fn(rank, world, tp, cp, sp=False):
     n = tokens.shape[1] // cp
     sl = slice(topo.cp_rank * n, (topo.cp_rank + 1) * n)
     errs = {}
-    for name, overrides in CASES.items():
+    for (name, overrides), docs in [(case, docs) for case in CASES.items()
+                                    for docs in (None, OFFSETS)]:
+        name = name if docs is None else f"{name}-documents"
         cfg = tiny_lm_config(**overrides)
         torch.manual_seed(0)
         model = MHLALanguageModel(cfg, tp_group=topo.tp_group, cp_group=topo.cp_group,
                                   sequence_parallel=sp).double()
         ref = MHLALanguageModel(cfg, tp_group=solo, cp_group=solo).double()
         load_full_state_dict(ref, full_state_dict(model, topo.tp_group), solo)
-        total, count = model.loss(tokens[:, sl], targets[:, sl])
+        total, count = model.loss(tokens[:, sl], targets[:, sl], cu_seqlens=docs)
         global_count = count.clone()
         dist.all_reduce(global_count, group=topo.cp_group)
         (total / global_count).backward()
-        ref_total, ref_count = ref.loss(tokens, targets)
+        ref_total, ref_count = ref.loss(tokens, targets, cu_seqlens=docs)
         (ref_total / ref_count).backward()
         loss_sum = total.detach().clone()
         dist.all_reduce(loss_sum, group=topo.cp_group)
@@ -55,7 +61,7 @@ def lm_rank_fn(rank, world, tp, cp, sp=False):
 def test_parallel_lm_equals_single_process(tp, cp, sp):
     """`sp`: sequence parallelism, the residual stream sharded over TP between regions."""
     for rank, errs in enumerate(run_ranks(lm_rank_fn, tp * cp, tp, cp, sp)):
-        assert len(errs) > 20
+        assert len(errs) > 40 and any("documents" in k for k in errs)
         bad = {k: f"{v:.2e}" for k, v in errs.items() if not v < 1e-10}
         assert not bad, f"rank {rank}: {bad}"
 
