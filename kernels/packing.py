@@ -296,8 +296,8 @@ def document_layout(cu_seqlens, batch: int, local_tokens: int, block_size: int, 
     slot_of_token = seg * slot_size + offset
     lo = cp_rank * slots
     layout = DocumentLayout(
-        block_size=block_size, slot_size=slot_size, batch=batch, local_tokens=local_tokens, cp_size=cp_size,
-        cp_rank=cp_rank, num_slots=slots, max_doc_blocks=max_blocks,
+        block_size=block_size, slot_size=slot_size, batch=batch, local_tokens=local_tokens,
+        cp_size=cp_size, cp_rank=cp_rank, num_slots=slots, max_doc_blocks=max_blocks,
         slot_of_token=slot_of_token,
         row_block=col_block[lo:lo + slots].clone(), row_doc=col_doc[lo:lo + slots].clone(),
         col_block=col_block, col_doc=col_doc)
