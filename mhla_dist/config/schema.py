@@ -40,6 +40,9 @@ class LMConfig:
     # angle, so this changes only rounding, and keeps positions within what generation sees.
     rope_per_document: bool = True
     per_head_mixing: bool = False
+    # Initial Mc: `average` (the causal row average, DESIGN §1), `identity` (block-local
+    # linear attention) or `ones` (plain causal linear attention).
+    mixing_init: str = "average"
     softmax_layers: list[int] = field(default_factory=list)  # hybrid: SDPA in these layers
     # The output norm and gate in the softmax layers too (false: those layers are plain
     # softmax attention, as an imported softmax model's).
@@ -86,6 +89,9 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables
+    # The Mc matrices' learning rate is lr times this (their own parameter group when it
+    # is not 1; 0 freezes Mc at its init).
+    mixing_lr_scale: float = 1.0
 
 
 @dataclass

@@ -11,6 +11,7 @@ PRECISIONS = ("fp32", "bf16")
 SCHEDULES = ("cosine", "wsd", "constant")
 WANDB_MODES = ("offline", "online", "disabled")
 DATA_KINDS = ("text", "video", "mqar")
+MIXING_INITS = ("average", "identity", "ones")
 INIT_OPTIMIZER = ("auto", "carry", "reset")
 
 
@@ -69,6 +70,7 @@ def _check_lm(m: LMConfig, cfg: Config, out: list[str]) -> None:
         out.append("model.normalize=true needs non-negative features: it does not go with "
                    f"model.feature_map={m.feature_map!r} or model.rotary={m.rotary} "
                    "(use normalize=false with the output norm and gate)")
+    _check_choice(out, "model.mixing_init", m.mixing_init, MIXING_INITS)
     bad_layers = [i for i in m.softmax_layers if not 0 <= i < m.num_layers]
     if bad_layers:
         out.append(f"model.softmax_layers={list(m.softmax_layers)} has indices outside "
@@ -142,6 +144,9 @@ def validate(cfg: Config) -> None:
         out.append(f"schedule.min_lr_ratio={cfg.schedule.min_lr_ratio} must be in [0, 1]")
     if cfg.optim.lr <= 0:
         out.append(f"optim.lr={cfg.optim.lr} must be > 0")
+    if cfg.optim.mixing_lr_scale < 0:
+        out.append(f"optim.mixing_lr_scale={cfg.optim.mixing_lr_scale} must be >= 0 (0 "
+                   "freezes Mc)")
     if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
         out.append(f"optim.betas={list(cfg.optim.betas)} must be two numbers in [0, 1)")
     if cfg.init.optimizer not in INIT_OPTIMIZER:

@@ -27,7 +27,8 @@ from .model_spec import ConversionError, ModelConfig, ParamInfo, check_state
 
 log = logging.getLogger("mhla_dist.convert")
 # Keys that do not change the weights' meaning: a config may differ in them.
-_FREE_KEYS = {"activation_checkpointing", "loss_chunk_tokens", "rope_per_document"}
+_FREE_KEYS = {"activation_checkpointing", "loss_chunk_tokens", "rope_per_document",
+              "mixing_init"}
 
 
 def full_layout(module: nn.Module, tp: int) -> dict[str, ParamInfo]:

@@ -41,6 +41,18 @@ def token_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = 
     return total, (targets != ignore_index).sum()
 
 
+def initial_mixing(kind: str, num_blocks: int) -> torch.Tensor:
+    """The LM's initial `Mc` (`model.mixing_init`): the causal row average (DESIGN §1),
+    the identity (block-local linear attention) or all ones (plain linear attention)."""
+    if kind == "average":
+        return causal_mixing(num_blocks)
+    if kind == "identity":
+        return torch.eye(num_blocks)
+    if kind == "ones":
+        return torch.ones(num_blocks, num_blocks).tril()
+    raise ValueError(f"model.mixing_init={kind!r} is not one of average, identity, ones")
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: LMConfig, index: int, *, tp_group=None, cp_group=None,
                  sequence_parallel: bool = False) -> None:
@@ -59,7 +71,7 @@ class DecoderLayer(nn.Module):
                 cfg.hidden_size, cfg.num_heads, cfg.head_dim, block_size=cfg.block_size,
                 max_blocks=cfg.num_blocks, causal=True, feature=cfg.feature_map,
                 normalize=cfg.normalize, per_head_mixing=cfg.per_head_mixing,
-                mixing_init=causal_mixing(cfg.num_blocks), **common)
+                mixing_init=initial_mixing(cfg.mixing_init, cfg.num_blocks), **common)
         self.rope_per_document = cfg.rotary and cfg.rope_per_document
         norm_group = tp_group if sp else None
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, grad_group=norm_group)

@@ -12,19 +12,33 @@ from __future__ import annotations
 from torch import nn
 
 
-def param_groups(module: nn.Module, weight_decay: float, no_decay: list[str]) -> list[dict]:
-    """`[{"params", "weight_decay", "names"}]` for DeepSpeed (or any torch optimizer);
-    empty groups are left out."""
-    decay, other = [], []
+def is_mixing(name: str) -> bool:
+    """Whether a parameter is an MHLA layer's `Mc`."""
+    return name == "mixing" or name.endswith(".mixing")
+
+
+def param_groups(module: nn.Module, weight_decay: float, no_decay: list[str],
+                 mixing_lr_scale: float = 1.0) -> list[dict]:
+    """`[{"params", "weight_decay", "names", "lr_scale"}]` for DeepSpeed (or any torch
+    optimizer); empty groups are left out. With `mixing_lr_scale != 1` the Mc matrices
+    form a third group whose learning rate is scaled (`lr_scale`)."""
+    decay, other, mixing = [], [], []
+    own_group = mixing_lr_scale != 1.0
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
         exempt = p.ndim < 2 or any(key in name for key in no_decay)
-        (other if exempt else decay).append((name, p))
-    groups = [(decay, weight_decay), (other, 0.0)]
+        if own_group and is_mixing(name):
+            mixing.append((name, p, exempt))
+        else:
+            (other if exempt else decay).append((name, p))
+    groups = [(decay, weight_decay, 1.0), (other, 0.0, 1.0)]
+    if mixing:
+        wd = 0.0 if all(exempt for *_, exempt in mixing) else weight_decay
+        groups.append(([(n, p) for n, p, _ in mixing], wd, mixing_lr_scale))
     return [{"params": [p for _, p in members], "weight_decay": wd,
-             "names": [n for n, _ in members]}
-            for members, wd in groups if members]
+             "names": [n for n, _ in members], "lr_scale": scale}
+            for members, wd, scale in groups if members]
 
 
 def apply_hyperparameters(optimizer, groups: list[dict], betas, eps: float) -> None:

@@ -162,8 +162,10 @@ class Trainer:
         initial = load_weights(self.start, model, cfg, self.topo)
         # Which tensors are split over TP, for DeepSpeed's universal checkpoint converter.
         model.universal_checkpoint_info = universal_checkpoint_info(model)
-        groups = param_groups(model, cfg.optim.weight_decay, list(cfg.optim.no_decay))
+        groups = param_groups(model, cfg.optim.weight_decay, list(cfg.optim.no_decay),
+                              cfg.optim.mixing_lr_scale)
         self.param_group_names = [g["names"] for g in groups]
+        self.lr_scales = [g["lr_scale"] for g in groups]
         self.engine, *_ = deepspeed.initialize(
             model=model, config=deepspeed_config(cfg, self.start), mpu=DeepSpeedMPU(self.topo),
             model_parameters=[{k: g[k] for k in ("params", "weight_decay")} for g in groups])
@@ -243,8 +245,9 @@ class Trainer:
         grad norm, wanted for logging only, may add DeepSpeed's own)."""
         cfg, topo = self.cfg, self.topo
         lr = learning_rate(self.step, cfg.train.steps, cfg.optim.lr, cfg.schedule)
-        for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr
+        for group, scale in zip(self.engine.optimizer.param_groups, self.lr_scales,
+                                strict=True):
+            group["lr"] = lr * scale
         micro = [next(batches) for _ in range(cfg.train.grad_accum)]
         # Known from the (host) targets before any forward: one all-reduce for the step,
         # at least 1 (a step whose every target is padding gives zero gradients, not NaN).

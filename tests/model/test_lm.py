@@ -107,3 +107,20 @@ def test_tiny_preset_builds_on_cpu():
     cfg = load_config("configs/lm/tiny.yaml").model
     model = MHLALanguageModel(cfg)
     assert model.num_parameters() == lm_num_parameters(cfg)
+
+
+@pytest.mark.parametrize("init", ["ones", "average"])
+def test_mixing_init_ones_and_average_start_as_plain_linear_attention(init):
+    """DESIGN §1's identity: Mc = ones is plain causal linear attention, i.e. one block.
+    The row average only rescales each block's row, which the per-head output norm
+    undoes (exactly without its eps): at initialisation the MHLA LM computes linear attention too."""
+    model = build(mixing_init=init, rotary=False, norm_eps=0.0)
+    one_block = build(block_size=64, rotary=False, norm_eps=0.0)
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("mixing")}
+    one_block.load_state_dict(state, strict=False)
+    tokens, _ = token_batch(n=64)
+    assert rel_err(model(tokens), one_block(tokens)) < 1e-6
+    eye = build(mixing_init="identity", rotary=False, norm_eps=0.0)
+    assert torch.equal(eye.layers[0].attn.mixing, torch.eye(8))
+    eye.load_state_dict(state, strict=False)
+    assert rel_err(eye(tokens), one_block(tokens)) > 1e-3  # block-local differs
