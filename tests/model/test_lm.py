@@ -113,7 +113,8 @@ def test_tiny_preset_builds_on_cpu():
 def test_mixing_init_ones_and_average_start_as_plain_linear_attention(init):
     """DESIGN §1's identity: Mc = ones is plain causal linear attention, i.e. one block.
     The row average only rescales each block's row, which the per-head output norm
-    undoes (exactly without its eps): at initialisation the MHLA LM computes linear attention too."""
+    undoes (exactly without its eps): at initialisation the MHLA LM computes linear
+    attention too."""
     model = build(mixing_init=init, rotary=False, norm_eps=0.0)
     one_block = build(block_size=64, rotary=False, norm_eps=0.0)
     state = {k: v for k, v in model.state_dict().items() if not k.endswith("mixing")}
