@@ -46,8 +46,6 @@ import sys
 import time
 from pathlib import Path
 
-from bench_op_packed import packed_sweep, packed_table, packed_targets
-
 log = logging.getLogger("bench_op")
 MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "100000000000"}
 ROOT = Path(__file__).resolve().parents[1]
@@ -454,6 +452,9 @@ def main(argv=None) -> None:
         return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.packed:
+        # tools/ is on sys.path when this file runs as a script (the children too)
+        from bench_op_packed import packed_sweep, packed_table, packed_targets
+
         rows = packed_sweep(args, run_child)
         targets_of, table_of = packed_targets, packed_table
     else:

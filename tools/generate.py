@@ -19,30 +19,16 @@ import torch
 
 def generate(run_dir: Path, prompt: str, max_new_tokens: int, temperature: float,
              top_k: int | None, seed: int) -> str:
-    from safetensors.torch import load_file
-
-    from mhla_dist.config import LMConfig, load_config
     from mhla_dist.data import ByteTokenizer
-    from mhla_dist.model.lm import MHLALanguageModel
-    from mhla_dist.parallel import build_topology, destroy_topology
+    from mhla_dist.eval.runs import loaded_lm
 
-    cfg = load_config(run_dir / "config.yaml",
-                      ["parallel.tp=1", "parallel.cp=1", "parallel.sequence_parallel=false"])
-    if not isinstance(cfg.model, LMConfig):
-        raise ValueError(f"{run_dir} holds a {cfg.model.kind} model, not a language model")
-    build_topology()
-    try:
-        model = MHLALanguageModel(cfg.model)
-        model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
-        model.eval()
+    with loaded_lm(run_dir) as (cfg, model):
         tok = ByteTokenizer()
         ids = torch.tensor([tok.encode(prompt)], dtype=torch.long)
         room = cfg.model.max_seq_len - ids.shape[1]
         out = model.generate(ids, min(max_new_tokens, room), temperature=temperature,
                              top_k=top_k, generator=torch.Generator().manual_seed(seed))
         return tok.decode(out[0].tolist())
-    finally:
-        destroy_topology()
 
 
 def main(argv: list[str] | None = None) -> int:
