@@ -13,6 +13,7 @@ from tests.kernels.inputs import make_inputs
 from tests.kernels.test_documents import per_document
 from tests.numerics import rel_err
 from tests.parallel.harness import run_ranks
+from tests.parallel.test_cp_mhla import run_cases
 
 CASES = list(itertools.product([True, False], [True, False], [False, True]))
 IDS = [f"{'causal' if c else 'noncausal'}-{'norm' if n else 'unnorm'}-"
@@ -30,21 +31,10 @@ def case_inputs(per_head, seed):
 
 
 def cp_rank_fn(rank, world):
-    from mhla_dist.parallel import build_topology, cp_mhla
+    from mhla_dist.parallel import build_topology
 
     topo = build_topology(cp=world)
-    local = N // world
-    sl = slice(topo.cp_rank * local, (topo.cp_rank + 1) * local)
-    results = {}
-    for i, (causal, normalize, per_head) in enumerate(CASES):
-        q, k, v, mixing, do = case_inputs(per_head, seed=i)
-        leaves = [x[:, sl].clone().requires_grad_() for x in (q, k, v)]
-        mixing.requires_grad_()
-        o = cp_mhla(*leaves, mixing, C, causal=causal, normalize=normalize,
-                    cu_seqlens=OFFSETS)
-        o.backward(do[:, sl])
-        results[i] = {"o": o.detach(), "dq": leaves[0].grad, "dk": leaves[1].grad,
-                      "dv": leaves[2].grad, "dmixing": mixing.grad}
+    results = run_cases(topo, world, CASES, case_inputs, N, C, cu_seqlens=OFFSETS)
     results["bytes"] = [bytes_of_rank(rank, world, topo.cp_group, block_size, row)
                         for block_size, row in ((8, 96), (16, 192))]
     return results

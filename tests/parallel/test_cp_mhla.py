@@ -25,22 +25,29 @@ def case_inputs(per_head, seed):
     return q, k, v, mixing, do
 
 
-def cp_rank_fn(rank, world):
-    from mhla_dist.parallel import build_topology, cp_mhla
+def run_cases(topo, world, cases, inputs, tokens, block_size, **kw):
+    """`{case: {o, dq, dk, dv, dmixing}}` of `cp_mhla` on this rank's slice, for every
+    `(causal, normalize, per_head)` of `cases` and its `inputs(per_head, seed=case)`."""
+    from mhla_dist.parallel import cp_mhla
 
-    topo = build_topology(cp=world)
-    local = N // world
+    local = tokens // world
     sl = slice(topo.cp_rank * local, (topo.cp_rank + 1) * local)
     results = {}
-    for i, (causal, normalize, per_head) in enumerate(CASES):
-        q, k, v, mixing, do = case_inputs(per_head, seed=i)
+    for i, (causal, normalize, per_head) in enumerate(cases):
+        q, k, v, mixing, do = inputs(per_head, seed=i)
         leaves = [x[:, sl].clone().requires_grad_() for x in (q, k, v)]
         mixing.requires_grad_()
-        o = cp_mhla(*leaves, mixing, C, causal=causal, normalize=normalize)
+        o = cp_mhla(*leaves, mixing, block_size, causal=causal, normalize=normalize, **kw)
         o.backward(do[:, sl])
         results[i] = {"o": o.detach(), "dq": leaves[0].grad, "dk": leaves[1].grad,
                       "dv": leaves[2].grad, "dmixing": mixing.grad}
     return results
+
+
+def cp_rank_fn(rank, world):
+    from mhla_dist.parallel import build_topology
+
+    return run_cases(build_topology(cp=world), world, CASES, case_inputs, N, C)
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=["cp2", "cp4"])
