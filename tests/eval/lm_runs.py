@@ -7,30 +7,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from mhla_dist.eval.runs import load_lm, read_lm_config, single_process
-from tests.train.runs import TINY_RUN
+from tests.train.runs import TINY_RUN, short_documents
 
 # 128 tokens: room for a passkey trial (104 tokens without filler); rotary so that the
 # per-document positions reach the model too.
 LM_RUN = [*TINY_RUN, "model.max_seq_len=128", "model.block_size=16", "model.rotary=true"]
-
-
-def short_documents(out: Path, num: int = 60, seed: int = 0) -> str:
-    """Shards of `num` short byte-tokenised documents; their brace pattern."""
-    from mhla_dist.data import ByteTokenizer, ShardSink, default_documents, token_sample
-
-    text = " ".join(default_documents()[:3])
-    rng, tok, at = np.random.default_rng(seed), ByteTokenizer(), 0
-    with ShardSink(out, "eval", maxcount=20) as sink:
-        for i in range(num):
-            n = int(rng.integers(10, 151))
-            tokens = tok.encode(text[at:at + n])
-            sink.write(token_sample(i, tokens, doc_id=i), tokens=len(tokens))
-            at += n
-    return sink.summary.pattern
 
 
 def make_lm_run(run_dir: Path, overrides: list[str] | None = None, seed: int = 0) -> Path:

@@ -38,6 +38,23 @@ def corpus(tmp: Path) -> list[str]:
     return [f"data.train={info.train}", f"data.eval={info.eval}"]
 
 
+def short_documents(out: Path, num: int = 60, seed: int = 0) -> str:
+    """Shards of `num` short byte-tokenised documents; their brace pattern."""
+    import numpy as np
+
+    from mhla_dist.data import ByteTokenizer, ShardSink, default_documents, token_sample
+
+    text = " ".join(default_documents()[:3])
+    rng, tok, at = np.random.default_rng(seed), ByteTokenizer(), 0
+    with ShardSink(out, "eval", maxcount=20) as sink:
+        for i in range(num):
+            n = int(rng.integers(10, 151))
+            tokens = tok.encode(text[at:at + n])
+            sink.write(token_sample(i, tokens, doc_id=i), tokens=len(tokens))
+            at += n
+    return sink.summary.pattern
+
+
 def train_rank_fn(rank, world, overrides, patch=None, base=None):
     """Train with `overrides` over `base` (default the tiny LM); returns the metrics rows
     (rank 0) and the parameters."""
