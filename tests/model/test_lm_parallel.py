@@ -30,8 +30,10 @@ def lm_rank_fn(rank, world, tp, cp, sp=False):
     n = tokens.shape[1] // cp
     sl = slice(topo.cp_rank * n, (topo.cp_rank + 1) * n)
     errs = {}
-    for (name, overrides), docs in [(case, docs) for case in CASES.items()
-                                    for docs in (None, OFFSETS)]:
+    # Packed documents on the hybrid case only: its MHLA and softmax layers both see them.
+    runs = [*((case, None) for case in CASES.items()),
+            (("hybrid-perhead", CASES["hybrid-perhead"]), OFFSETS)]
+    for (name, overrides), docs in runs:
         name = name if docs is None else f"{name}-documents"
         cfg = tiny_lm_config(**overrides)
         torch.manual_seed(0)
@@ -61,7 +63,7 @@ def lm_rank_fn(rank, world, tp, cp, sp=False):
 def test_parallel_lm_equals_single_process(tp, cp, sp):
     """`sp`: sequence parallelism, the residual stream sharded over TP between regions."""
     for rank, errs in enumerate(run_ranks(lm_rank_fn, tp * cp, tp, cp, sp)):
-        assert len(errs) > 40 and any("documents" in k for k in errs)
+        assert len(errs) > 30 and any("documents" in k for k in errs)
         bad = {k: f"{v:.2e}" for k, v in errs.items() if not v < 1e-10}
         assert not bad, f"rank {rank}: {bad}"
 
