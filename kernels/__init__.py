@@ -16,6 +16,7 @@ from .packing import (
     document_ids,
     document_layout,
     document_positions,
+    resolve_layout,
 )
 from .reference import mhla_reference
 from .stages import (
@@ -49,4 +50,5 @@ __all__ = [
     "mhla_reference",
     "mix_summaries",
     "resolve_backend",
+    "resolve_layout",
 ]

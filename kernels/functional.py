@@ -114,8 +114,6 @@ def _mhla_documents(q, k, v, mixing, block_size, cu_seqlens, *, causal, normaliz
     check_block_size(block_size)
     check_mixing(mixing, q.shape[2], 1)
     layout = resolve_layout(cu_seqlens, q, mixing, block_size)
-    if layout.cp_size != 1:
-        raise ValueError("this layout is one context-parallel rank's: use cp_mhla")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     dtype = torch.float64 if torch.float64 in (q.dtype, k.dtype, v.dtype) else torch.float32
     slots = mhla(*(layout.to_slots(x) for x in (q, k, v)), layout.slot_mixing(mixing, dtype),

@@ -326,15 +326,24 @@ def slot_size_for(cu_seqlens, block_size: int, head_dim: int, *, smallest: int =
     return best
 
 
-def resolve_layout(cu_seqlens, q: torch.Tensor, mixing: torch.Tensor,
-                   block_size: int) -> DocumentLayout:
-    """`cu_seqlens` as a single-device (or already built) layout for `q`, checked; built
-    here, its slot size is `slot_size_for`'s."""
+def resolve_layout(cu_seqlens, q: torch.Tensor, mixing: torch.Tensor, block_size: int, *,
+                   cp_size: int = 1, cp_rank: int = 0) -> DocumentLayout:
+    """CP rank `cp_rank`'s layout for `q` (this rank's tokens) of the global `cu_seqlens`,
+    or the given layout after checking it is that rank's; checked against `q` and
+    `mixing`. Built here on one device, its slot size is `slot_size_for`'s (under CP the
+    block: finer slots would gather more summaries)."""
     if isinstance(cu_seqlens, DocumentLayout):
         layout = cu_seqlens
+        if (layout.cp_size, layout.cp_rank) != (cp_size, cp_rank):
+            if cp_size == 1:
+                raise ValueError("this layout is one context-parallel rank's: use cp_mhla")
+            raise ValueError(f"the document layout is CP rank {layout.cp_rank} of "
+                             f"{layout.cp_size}; this is rank {cp_rank} of {cp_size}")
     else:
-        cu = check_cu_seqlens(cu_seqlens, q.shape[0] * q.shape[1], q.shape[1])
-        layout = document_layout(cu, q.shape[0], q.shape[1], block_size, device=q.device,
-                                 slot_size=slot_size_for(cu, block_size, q.shape[-1]))
+        b, n = q.shape[0], q.shape[1]
+        cu = check_cu_seqlens(cu_seqlens, b * n * cp_size, n * cp_size)
+        slot = slot_size_for(cu, block_size, q.shape[-1]) if cp_size == 1 else block_size
+        layout = document_layout(cu, b, n, block_size, cp_size=cp_size, cp_rank=cp_rank,
+                                 slot_size=slot, device=q.device)
     layout.check(q, mixing, block_size)
     return layout

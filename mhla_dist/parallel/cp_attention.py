@@ -25,14 +25,13 @@ import torch
 import torch.distributed as dist
 
 from mhla_kernels import (
-    DocumentLayout,
     block_outputs,
     block_outputs_intra,
     block_summaries,
-    document_layout,
     mhla,
     mix_summaries,
     resolve_backend,
+    resolve_layout,
 )
 
 from .collectives import start_gather_packed
@@ -120,18 +119,6 @@ def cp_mhla(
                          intra=intra)
 
 
-def cp_document_layout(cu_seqlens, q: torch.Tensor, block_size: int, cp: int,
-                       rank: int) -> DocumentLayout:
-    """This rank's layout of the global `cu_seqlens` (or the given layout, checked)."""
-    if isinstance(cu_seqlens, DocumentLayout):
-        if (cu_seqlens.cp_size, cu_seqlens.cp_rank) != (cp, rank):
-            raise ValueError(f"the document layout is CP rank {cu_seqlens.cp_rank} of "
-                             f"{cu_seqlens.cp_size}; this is rank {rank} of {cp}")
-        return cu_seqlens
-    return document_layout(cu_seqlens, q.shape[0], q.shape[1], block_size, cp_size=cp,
-                           cp_rank=rank, device=q.device)
-
-
 def _cp_mhla_documents(q, k, v, mixing, block_size, cu_seqlens, *, causal, normalize, eps,
                        scale, group, cp, rank):
     """Packed documents under CP. Every rank lays its segments (what it holds of each
@@ -142,11 +129,10 @@ def _cp_mhla_documents(q, k, v, mixing, block_size, cu_seqlens, *, causal, norma
     continues from the previous rank in the middle of a block. A block cut by a rank
     boundary is two segments whose summaries are both in the gather: causal tokens of the
     later one read the earlier one with `Mc[j, j]`, non-causal ones read both."""
-    layout = cp_document_layout(cu_seqlens, q, block_size, cp, rank)
     if cp == 1:
         return mhla(q, k, v, mixing, block_size, causal=causal, normalize=normalize, eps=eps,
-                    scale=scale, cu_seqlens=layout)
-    layout.check(q, mixing, block_size)
+                    scale=scale, cu_seqlens=cu_seqlens)
+    layout = resolve_layout(cu_seqlens, q, mixing, block_size, cp_size=cp, cp_rank=rank)
     qs, ks, vs = (layout.to_slots(x) for x in (q, k, v))
     block_size = layout.slot_size
     s, z = block_summaries(ks, vs, block_size)  # [1, S, H, d, dv], [1, S, H, d]
