@@ -8,7 +8,7 @@ from mhla_dist.config import load_config
 from mhla_dist.model.lm import MHLALanguageModel
 from mhla_dist.model.lm_flops import lm_flops_per_token, lm_num_parameters
 from mhla_dist.parallel import build_topology, destroy_topology
-from tests.model.lm_helpers import tiny_lm_config, token_batch
+from tests.model.lm_helpers import build, tiny_lm_config, token_batch
 from tests.numerics import rel_err
 
 
@@ -17,11 +17,6 @@ def world_of_one():
     topo = build_topology()
     yield topo
     destroy_topology()
-
-
-def build(**overrides):
-    torch.manual_seed(0)
-    return MHLALanguageModel(tiny_lm_config(**overrides)).double()
 
 
 def test_forward_shapes_and_loss():

@@ -6,9 +6,8 @@ the offsets reach every layer under activation checkpointing."""
 import pytest
 import torch
 
-from mhla_dist.model.lm import MHLALanguageModel
 from mhla_dist.parallel import build_topology, destroy_topology
-from tests.model.lm_helpers import tiny_lm_config
+from tests.model.lm_helpers import build
 from tests.numerics import rel_err
 
 # Two rows of 64: documents of 1, 20 (ragged blocks of 8), 43 tokens; 64 (8 whole
@@ -22,11 +21,6 @@ def world_of_one():
     topo = build_topology()
     yield topo
     destroy_topology()
-
-
-def build(**overrides):
-    torch.manual_seed(0)
-    return MHLALanguageModel(tiny_lm_config(**overrides)).double()
 
 
 def packed_batch(seed=0):
