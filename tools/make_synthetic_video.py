@@ -5,7 +5,9 @@
 Each clip shows one shape (square, disc, triangle, ring: the label) moving and bouncing
 over a noisy background; uint8 `[frames, size, size, 3]`. Deterministic in `--seed`.
 `--caption-dim D` adds a caption embedding float32 `[D]` per clip (`emb.npy`: its class's
-prototype vector plus a little noise), for caption-conditioned DiTs.
+prototype vector plus a little noise), for caption-conditioned DiTs; with `--text-tokens L`
+it is caption tokens float32 `[l, D]`, `l <= L` (filler words and the class word), for
+DiTs that cross-attend to text (`model.text_dim: D`, `model.text_len: L`).
 """
 
 from __future__ import annotations
@@ -29,16 +31,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shard-size", type=int, default=64, help="clips per shard")
     ap.add_argument("--caption-dim", type=int, default=0,
                     help="width of a caption embedding per clip (0: no captions)")
+    ap.add_argument("--text-tokens", type=int, default=0,
+                    help="caption tokens per clip, at most (0: one pooled vector; needs "
+                         "--caption-dim)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if min(args.num_clips, args.frames, args.size) < 1:
         ap.error("--num-clips, --frames and --size must be >= 1")
     if args.caption_dim < 0:
         ap.error(f"--caption-dim {args.caption_dim} must be >= 0 (0: no captions)")
+    if args.text_tokens < 0 or (args.text_tokens and not args.caption_dim):
+        ap.error(f"--text-tokens {args.text_tokens} must be >= 0 and needs --caption-dim > 0 "
+                 "(the width of each token)")
     s = write_synthetic_video(args.output, num_clips=args.num_clips, frames=args.frames,
                               size=args.size, seed=args.seed, clips_per_shard=args.shard_size,
-                              caption_dim=args.caption_dim)
+                              caption_dim=args.caption_dim, text_tokens=args.text_tokens)
     captions = f"  captions: [{args.caption_dim}]" if args.caption_dim else ""
+    if args.text_tokens:
+        captions = f"  caption tokens: [<={args.text_tokens}, {args.caption_dim}]"
     print(f"clips: {s.samples}  shards: {len(s.shards)}  shape: "
           f"[{args.frames}, {args.size}, {args.size}, 3]{captions}\nloader pattern: {s.pattern}")
     return 0

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field, fields
 from mhla_kernels import FEATURE_MAPS
 
 MIXING_INITS = ("linear", "cos", "exp", "local")
-POS_EMBEDS = ("sincos", "learned")
+ARCHS = ("dit", "wan")
+POS_EMBEDS = ("sincos", "learned", "rope")
 # feature_map="identity" needs normalize=False; the DiT's attention normalises.
 DIT_FEATURE_MAPS = tuple(f for f in FEATURE_MAPS if f != "identity")
 
@@ -34,6 +35,11 @@ class DiTConfig:
 
     Attributes:
         kind: "dit" (the config loader picks this class by it).
+        arch: "dit", the adaLN-Zero block of Peebles & Xie (a sin/cos or learned position
+            embedding), or "wan", Wan2.1's block (`mhla_dist.model.wan`): q/k RMSNorm and
+            3-D RoPE in self-attention, a learned modulation table per block added to one
+            shared time projection, `pos_embed="rope"`; Wan checkpoints import into it
+            (`tools/convert_checkpoint.py import-wan`).
         in_channels, frames, height, width: the clip `[C, F, H, W]` (latents or pixels).
         patch: `(pt, ph, pw)`, the patch size; the model predicts `in_channels` per pixel.
         block_grid: `(fb, hb, wb)`, MHLA blocks along each axis of the patch grid.
@@ -42,21 +48,36 @@ class DiTConfig:
         num_classes: class labels (a null class `num_classes` is added for classifier-free
             guidance); 0 = no class conditioning.
         caption_dim: width of a pooled caption embedding added to the conditioning; 0 = none.
+        text_dim: width of caption *tokens* (a text encoder's `[L, text_dim]` output, e.g.
+            umT5's 4096) that every block cross-attends to (softmax; the video tokens are
+            the queries); 0 = no cross-attention. Pooled caption or tokens: one of the two,
+            both are read from the shards' `emb.npy`.
+        text_len: the most caption tokens a clip may have (Wan: 512); a longer caption is
+            a bad sample (skipped and counted), never truncated.
+        text_mask: True pads a batch's captions to the longest and masks the padding;
+            False pads every caption with zero vectors to `text_len` and attends to all of
+            them, as Wan2.1 was trained (what `import-wan` sets).
+        ffn_dim: MLP hidden size; 0 = `int(hidden_size * mlp_ratio)` (Wan2.1-1.3B: 8960).
+        rope_theta: base of the 3-D rotary embedding (`pos_embed="rope"`).
+        norm_eps: epsilon of the LayerNorms and the q/k RMSNorms of `arch="wan"`.
         mixing_init: distance transform of the 3-D block-grid `Mc` initialiser.
         feature_map: MHLA feature map `phi` ("relu" or "elu").
         per_head_mixing: one `Mc` per head instead of a shared one.
         softmax_layers: indices of blocks that use softmax attention (SDPA) instead of MHLA.
-        pos_embed: "sincos" (fixed 3-D sinusoidal) or "learned".
+        pos_embed: "sincos" (fixed 3-D sinusoidal) or "learned" (arch "dit"); "rope" (arch
+            "wan": Wan's 3-D rotary embedding, head channels split over (f, h, w); in MHLA
+            layers it rotates q and k before the feature map, keeping them positive).
         bias: biases in the attention and MLP linears (DiT uses them).
         class_dropout: probability of replacing a label by the null class in training
             (applied by `rectified_flow.drop_labels`, not by the model).
-        caption_dropout: probability of replacing a caption by the zero vector (the
-            unconditional caption of guidance) in training (`rectified_flow.drop_captions`);
-            drawn independently of the label's.
+        caption_dropout: probability of replacing a caption (pooled or tokens) by zeros
+            (the unconditional caption of guidance) in training
+            (`rectified_flow.drop_captions`); drawn independently of the label's.
         activation_checkpointing: recompute every block in the backward pass.
     """
 
     kind: str = "dit"
+    arch: str = "dit"
     in_channels: int = 4
     frames: int = 1
     height: int = 32
@@ -69,6 +90,12 @@ class DiTConfig:
     mlp_ratio: float = 4.0
     num_classes: int = 1000
     caption_dim: int = 0
+    text_dim: int = 0
+    text_len: int = 512
+    text_mask: bool = True
+    ffn_dim: int = 0
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
     mixing_init: str = "linear"
     feature_map: str = "relu"
     per_head_mixing: bool = False
@@ -115,7 +142,7 @@ class DiTConfig:
 
     @property
     def mlp_hidden_size(self) -> int:
-        return int(self.hidden_size * self.mlp_ratio)
+        return self.ffn_dim or int(self.hidden_size * self.mlp_ratio)
 
     @property
     def null_class(self) -> int:
@@ -150,18 +177,36 @@ class DiTConfig:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"num_heads={self.num_heads} does not divide hidden_size="
                              f"{self.hidden_size}; allowed: a divisor of {self.hidden_size}")
-        if not self.mlp_ratio > 0 or self.mlp_hidden_size < 1:
+        if not self.mlp_ratio > 0 or (not self.ffn_dim and self.mlp_hidden_size < 1):
             raise ValueError(f"mlp_ratio={self.mlp_ratio} must be > 0 (MLP hidden size "
                              f"int(hidden_size * mlp_ratio) >= 1)")
-        for key in ("num_classes", "caption_dim"):
+        for key in ("num_classes", "caption_dim", "text_dim", "ffn_dim"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{key}={value!r} must be an integer >= 0 (0 = none)")
-        for key, allowed in (("mixing_init", MIXING_INITS), ("feature_map", DIT_FEATURE_MAPS),
-                             ("pos_embed", POS_EMBEDS)):
+        if self.caption_dim and self.text_dim:
+            raise ValueError(f"caption_dim={self.caption_dim} (a pooled caption) and text_dim="
+                             f"{self.text_dim} (caption tokens) both read emb.npy: set one "
+                             "of them to 0")
+        if isinstance(self.text_len, bool) or not isinstance(self.text_len, int) \
+                or self.text_len < 1:
+            raise ValueError(f"text_len={self.text_len!r} must be a positive integer")
+        for key in ("rope_theta", "norm_eps"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"{key}={getattr(self, key)} must be > 0")
+        for key, allowed in (("arch", ARCHS), ("mixing_init", MIXING_INITS),
+                             ("feature_map", DIT_FEATURE_MAPS), ("pos_embed", POS_EMBEDS)):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key}={getattr(self, key)!r} is not one of "
                                  f"{', '.join(map(repr, allowed))}")
+        if (self.arch == "wan") != (self.pos_embed == "rope"):
+            raise ValueError(
+                f"pos_embed={self.pos_embed!r} with arch={self.arch!r}: arch 'wan' uses "
+                "pos_embed 'rope' (3-D RoPE in self-attention); arch 'dit' 'sincos' or "
+                "'learned'")
+        if self.arch == "wan" and self.head_dim % 2:
+            raise ValueError(f"arch='wan' rotates pairs of head channels: head_dim="
+                             f"{self.head_dim} (hidden_size / num_heads) must be even")
         layers = list(self.softmax_layers)
         bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, int)
                or not 0 <= i < self.depth]
@@ -211,11 +256,25 @@ DIT_PRESETS: dict[str, dict] = {
                     block_grid=[3, 5, 4], hidden_size=1536, depth=30, num_heads=12,
                     mlp_ratio=4.0, num_classes=0, caption_dim=4096, class_dropout=0.0,
                     activation_checkpointing=True),
+    # A CPU-sized Wan-architecture model for tests and smoke runs: RGB clips of 8 frames of
+    # 16x16 (the synthetic shapes), caption tokens of width 32 (make_synthetic_video.py
+    # --caption-dim 32 --text-tokens 16), 8 MHLA blocks of 64 tokens.
+    "wan-tiny": dict(arch="wan", pos_embed="rope", in_channels=3, frames=8, height=16,
+                     width=16, patch=[1, 2, 2], block_grid=[2, 2, 2], hidden_size=64, depth=2,
+                     num_heads=4, ffn_dim=256, num_classes=0, caption_dim=0, text_dim=32,
+                     text_len=16, class_dropout=0.0),
+    # Wan2.1-T2V-1.3B itself (diffusers' WanTransformer3DModel config): its blocks, umT5
+    # caption tokens by cross-attention, 3-D RoPE; self-attention MHLA over the tiles above.
+    "wan2.1-1.3b": dict(arch="wan", pos_embed="rope", in_channels=16, frames=21, height=60,
+                        width=104, patch=[1, 2, 2], block_grid=[3, 5, 4], hidden_size=1536,
+                        depth=30, num_heads=12, ffn_dim=8960, num_classes=0, caption_dim=0,
+                        text_dim=4096, text_len=512, text_mask=False, class_dropout=0.0,
+                        activation_checkpointing=True),
 }
 
 # The parameter count each preset's name promises (tiny promises nothing).
 DIT_PRESET_PARAMS: dict[str, float] = {"s2": 33e6, "b2": 130e6, "xl2": 675e6,
-                                       "wan1.3b": 1.3e9}
+                                       "wan1.3b": 1.3e9, "wan2.1-1.3b": 1.42e9}
 
 
 def dit_config(preset: str | None = None, **overrides) -> DiTConfig:

@@ -83,9 +83,9 @@ def build_model(cfg: ModelConfig, *, tp_group, cp_group) -> nn.Module:
         from mhla_dist.model.lm import MHLALanguageModel
 
         return MHLALanguageModel(cfg, tp_group=tp_group, cp_group=cp_group)
-    from mhla_dist.model.dit import DiT
+    from mhla_dist.model.video import build_dit
 
-    return DiT(cfg, tp_group=tp_group, cp_group=cp_group)
+    return build_dit(cfg, tp_group=tp_group, cp_group=cp_group)
 
 
 def parameter_layout(cfg: ModelConfig) -> dict[str, ParamInfo]:

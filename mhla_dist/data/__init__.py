@@ -37,14 +37,16 @@ from mhla_dist.data.tokenizer import (
     Tokenizer,
     load_tokenizer,
 )
+from mhla_dist.data.vae import VideoVAE, load_vae
 from mhla_dist.data.video import ClipBatches, video_loader
 from mhla_dist.data.writing import ShardSink, ShardSummary, clip_sample, token_sample
 
 __all__ = [
     "BYTE_VOCAB_SIZE", "EOS_ID", "IGNORE_INDEX", "BadDataEvent", "BatchSource", "ByteTokenizer",
     "ClipBatches", "CorpusInfo", "DataStats", "NoValidDataError", "ShardSink", "ShardSummary",
-    "StreamingLoader", "TokenWindows", "Tokenizer", "build_default_corpus", "clip_sample",
-    "cp_slice", "decode_clip", "decode_document", "default_documents", "document_offsets",
-    "epoch_shards", "expand_urls", "load_tokenizer", "lm_loader", "read_shard", "shift_tokens",
-    "synthetic_clip", "to_device", "token_sample", "video_loader", "write_synthetic_video",
+    "StreamingLoader", "TokenWindows", "Tokenizer", "VideoVAE", "build_default_corpus",
+    "clip_sample", "cp_slice", "decode_clip", "decode_document", "default_documents",
+    "document_offsets", "epoch_shards", "expand_urls", "load_tokenizer", "load_vae", "lm_loader",
+    "read_shard", "shift_tokens", "synthetic_clip", "to_device", "token_sample", "video_loader",
+    "write_synthetic_video",
 ]

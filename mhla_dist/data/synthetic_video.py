@@ -73,6 +73,26 @@ def synthetic_caption(index: int, label: int, caption_dim: int, seed: int = 0) -
     return (class_prototype(label, caption_dim, seed) + CAPTION_NOISE * noise).astype(np.float32)
 
 
+FILLER_WORDS = 8  # class-independent token vectors a synthetic caption is padded out with
+
+
+def synthetic_text(index: int, label: int, caption_dim: int, max_tokens: int,
+                   seed: int = 0) -> np.ndarray:
+    """Clip `index`'s caption *tokens* float32 `[L, caption_dim]`, `L` drawn in
+    `[ceil(max_tokens / 2), max_tokens]`: filler words (`FILLER_WORDS` class-independent
+    directions) and, at a random position, the class's prototype, each with
+    `CAPTION_NOISE` noise. A cross-attending model has to find the class word.
+    """
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens={max_tokens} must be >= 1")
+    rng = np.random.default_rng([seed, index, 11])
+    n = int(rng.integers(-(-max_tokens // 2), max_tokens + 1))
+    words = np.stack([class_prototype(1000 + w, caption_dim, seed) for w in range(FILLER_WORDS)])
+    tokens = words[rng.integers(0, FILLER_WORDS, n)]
+    tokens[rng.integers(0, n)] = class_prototype(label, caption_dim, seed)
+    return (tokens + CAPTION_NOISE * rng.standard_normal(tokens.shape)).astype(np.float32)
+
+
 def synthetic_clips(num_clips: int, *, frames: int, size: int, seed: int = 0
                     ) -> Iterator[tuple[np.ndarray, int]]:
     for i in range(num_clips):
@@ -81,13 +101,20 @@ def synthetic_clips(num_clips: int, *, frames: int, size: int, seed: int = 0
 
 def write_synthetic_video(output: str | Path, *, num_clips: int, frames: int, size: int,
                           seed: int = 0, clips_per_shard: int = 64, caption_dim: int = 0,
-                          caption_seed: int | None = None) -> ShardSummary:
+                          caption_seed: int | None = None,
+                          text_tokens: int = 0) -> ShardSummary:
     """Write `num_clips` synthetic clips as clip shards under `output`.
 
     `caption_dim > 0` adds a caption embedding `emb.npy` to every clip (`synthetic_caption`,
     drawn from `caption_seed`, default `seed`: a different one changes the captions, not
-    the clips).
+    the clips); with `text_tokens > 0` it is caption tokens `[L, caption_dim]`,
+    `L <= text_tokens` (`synthetic_text`), for models that cross-attend (`text_dim`).
     """
+    if isinstance(text_tokens, bool) or not isinstance(text_tokens, int) or text_tokens < 0:
+        raise ValueError(f"text_tokens={text_tokens!r} must be an integer >= 0 (0 = a pooled "
+                         "caption)")
+    if text_tokens and not caption_dim:
+        raise ValueError(f"text_tokens={text_tokens} needs caption_dim > 0 (the tokens' width)")
     if isinstance(caption_dim, bool) or not isinstance(caption_dim, int) or caption_dim < 0:
         raise ValueError(f"caption_dim={caption_dim!r} must be an integer >= 0 (0 = no "
                          f"captions)")
@@ -96,10 +123,15 @@ def write_synthetic_video(output: str | Path, *, num_clips: int, frames: int, si
             "clip_shape": [frames, size, size, 3], "seed": seed, "caption_dim": caption_dim}
     if caption_dim:
         meta["caption_seed"] = caption_seed
+        meta["text_tokens"] = text_tokens
     with ShardSink(output, prefix="clips", maxcount=clips_per_shard, meta=meta) as sink:
         for i, (clip, label) in enumerate(synthetic_clips(num_clips, frames=frames, size=size,
                                                           seed=seed)):
-            caption = (synthetic_caption(i, label, caption_dim, caption_seed) if caption_dim
-                       else None)
+            if text_tokens:
+                caption = synthetic_text(i, label, caption_dim, text_tokens, caption_seed)
+            elif caption_dim:
+                caption = synthetic_caption(i, label, caption_dim, caption_seed)
+            else:
+                caption = None
             sink.write(clip_sample(i, clip, label, caption=caption, shape=SHAPES[label]))
     return sink.summary

@@ -70,30 +70,40 @@ def drop_labels(labels: torch.Tensor, prob: float, null_class: int,
 
 
 def drop_captions(caption: torch.Tensor, prob: float,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """Replace each caption `[B, D]` by the zero vector (the unconditional caption) with
-    probability `prob` (classifier-free guidance training)."""
+                  generator: torch.Generator | None = None,
+                  mask: torch.Tensor | None = None):
+    """Replace each caption by zeros (the unconditional caption) with probability `prob`
+    (classifier-free guidance training): a pooled `[B, D]` caption, or caption tokens
+    `[B, L, D]` with their `mask` `[B, L]`; a dropped caption's tokens are all attended
+    zeros, which is one zero token. Returns the caption, or `(tokens, mask)` when `mask`
+    is given."""
     if not 0 <= prob < 1:
         raise ValueError(f"prob={prob} must be in [0, 1)")
     if prob == 0:
-        return caption
+        return caption if mask is None else (caption, mask)
     keep = torch.rand(caption.shape[0], generator=generator) >= prob
-    return caption * keep.to(device=caption.device, dtype=caption.dtype)[:, None]
+    keep = keep.to(caption.device)
+    dropped = caption * keep.to(caption.dtype).view(-1, *(1,) * (caption.dim() - 1))
+    if mask is None:
+        return dropped
+    return dropped, mask.to(caption.device) | ~keep[:, None]
 
 
 def rectified_flow_loss(model, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
                         labels: torch.Tensor | None = None,
-                        caption: torch.Tensor | None = None) -> LossSum:
+                        caption: torch.Tensor | None = None, text: torch.Tensor | None = None,
+                        text_mask: torch.Tensor | None = None) -> LossSum:
     """Squared velocity error over this rank's tokens and channels, and its count.
 
-    `model(x_t, t, labels, caption)` returns this rank's velocity tokens and
-    `model.local_tokens(clip)` this rank's slice of a clip's tokens (`DiT` does both).
+    `model(x_t, t, labels, caption, text, text_mask)` returns this rank's velocity tokens
+    and `model.local_tokens(clip)` this rank's slice of a clip's tokens (`DiT` does both).
     `x0`, `noise`: the whole clips `[B, C, F, H, W]`, the same on every rank of a replica.
     """
     if noise.shape != x0.shape or t.shape != x0.shape[:1]:
         raise ValueError(f"x0 {tuple(x0.shape)}, noise {tuple(noise.shape)} and t "
                          f"{tuple(t.shape)} must be [B, ...], [B, ...] (the same) and [B]")
-    pred = model(interpolate(x0, noise, t), t, labels, caption)
+    cond = (labels, caption) if text is None else (labels, caption, text, text_mask)
+    pred = model(interpolate(x0, noise, t), t, *cond)
     # The error is taken in fp32 at least: a bf16 sum over every element of a clip
     # would round away most of it.
     dtype = torch.promote_types(pred.dtype, torch.float32)
@@ -114,32 +124,40 @@ def sampling_times(steps: int, *, shift: float = 1.0, device=None) -> torch.Tens
 def euler_sample(model, noise: torch.Tensor, labels: torch.Tensor | None = None,
                  steps: int = 50, *, cfg_scale: float = 1.0,
                  caption: torch.Tensor | None = None, shift: float = 1.0,
-                 null_labels: torch.Tensor | None = None) -> torch.Tensor:
+                 null_labels: torch.Tensor | None = None, text: torch.Tensor | None = None,
+                 text_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Integrate `dx/dt = v` from `noise` (t = 1) to a clip (t = 0) in `steps` Euler steps.
 
-    `model.velocity(x [B, C, F, H, W], t [B], labels, caption)` returns the whole
-    velocity as a clip (`DiT.velocity`). With `cfg_scale != 1`, classifier-free guidance:
-    `v = v_u + cfg_scale (v_c - v_u)`, the unconditional pass using `null_labels`
-    (default `model.null_class` for every sample) and a zero caption.
+    `model.velocity(x [B, C, F, H, W], t [B], labels, caption, text, text_mask)` returns
+    the whole velocity as a clip (`DiT.velocity`). With `cfg_scale != 1`, classifier-free
+    guidance: `v = v_u + cfg_scale (v_c - v_u)`, the unconditional pass using
+    `null_labels` (default `model.null_class` for every sample) and a zero caption (caption
+    tokens: all zeros, all attended).
     """
     uncond_labels = labels
     if cfg_scale != 1.0:
-        if labels is None and caption is None:
+        if labels is None and caption is None and text is None:
             raise ValueError("cfg_scale != 1 needs labels or a caption to guide with")
         if labels is not None:
             uncond_labels = (null_labels if null_labels is not None
                              else torch.full_like(labels, model.null_class))
+    text_cond = () if text is None else (text, text_mask)
+    if cfg_scale != 1.0 and text is not None:
+        mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
+        text_cond = (torch.cat([text, torch.zeros_like(text)]),
+                     torch.cat([mask if text_mask is None else text_mask.bool(), mask]))
     x = noise
     times = sampling_times(steps, shift=shift, device=noise.device)
     for t_cur, t_next in zip(times[:-1], times[1:], strict=True):
         t = torch.full((x.shape[0],), float(t_cur), device=x.device, dtype=x.dtype)
         if cfg_scale == 1.0:
-            v = model.velocity(x, t, labels, caption)
+            v = model.velocity(x, t, labels, caption, *text_cond)
         else:
             both = lambda a, b: None if a is None else torch.cat([a, b])  # noqa: E731
             v_c, v_u = model.velocity(
                 torch.cat([x, x]), torch.cat([t, t]), both(labels, uncond_labels),
                 both(caption, None if caption is None else torch.zeros_like(caption)),
+                *text_cond,
             ).chunk(2)
             v = v_u + cfg_scale * (v_c - v_u)
         x = x + float(t_next - t_cur) * v

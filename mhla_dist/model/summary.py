@@ -53,9 +53,9 @@ def build_on_meta(cfg: Config) -> torch.nn.Module:
             from .lm import MHLALanguageModel
 
             return MHLALanguageModel(cfg.model)
-        from .dit import DiT
+        from .video import build_dit
 
-        return DiT(cfg.model)
+        return build_dit(cfg.model)
 
 
 def _split_and_replicated(model: torch.nn.Module) -> tuple[int, int]:

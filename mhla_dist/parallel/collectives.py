@@ -221,6 +221,33 @@ def copy_to_group(x: torch.Tensor, group) -> torch.Tensor:
     return _CopyToGroup.apply(x, group)
 
 
+class _AllReduceSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        out = x.contiguous().clone()
+        dist.all_reduce(out, group=group)
+        comm_stats.record("all_reduce", out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        comm_stats.record("all_reduce", grad)
+        return grad, None
+
+
+def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
+    """The sum over the group of every rank's `x` (forward), differentiable: each rank's
+    output feeds its own computation, so the gradient of each input is the sum of all the
+    ranks' output gradients (an all-reduce backward too). E.g. a norm over channels that
+    tensor parallelism splits (Wan's q/k RMSNorm across heads)."""
+    if _size(group) == 1:
+        return x
+    return _AllReduceSum.apply(x, group)
+
+
 class PendingGather:
     """An all-gather in flight: start it, compute something else, then `wait()`.
 

@@ -214,6 +214,34 @@ class AttentionProjections(nn.Module):
         return row_linear(self.o_proj, o, sp, self.tp_group)
 
 
+def mixing_parameter(mixing_init: torch.Tensor | None, num_heads: int, max_blocks: int,
+                     per_head: bool, tp_group) -> nn.Parameter:
+    """This TP rank's `Mc` parameter from the full initial one (`[M, M]`, or `[H, M, M]`
+    per head; None: identity): shared, replicated over TP; per head, split by heads like
+    the column-parallel weights (gathered along dim 0)."""
+    full = torch.eye(max_blocks) if mixing_init is None else mixing_init.float()
+    if per_head and full.dim() == 2:
+        full = full.expand(num_heads, max_blocks, max_blocks)
+    expect = (num_heads,) * per_head + (max_blocks, max_blocks)
+    if tuple(full.shape) != expect:
+        raise ValueError(f"mixing_init has shape {tuple(full.shape)}; expected {expect}")
+    tp = dist.get_world_size(tp_group)
+    if per_head:
+        local = num_heads // tp
+        rank = dist.get_rank(tp_group)
+        full = full[rank * local:(rank + 1) * local]
+    mixing = nn.Parameter(full.clone().contiguous())
+    if per_head:
+        mixing.tensor_model_parallel, mixing.partition_dim, mixing.partition_stride = True, 0, 1
+    return mixing
+
+
+def nonnegative_mixing(mixing: torch.Tensor) -> torch.Tensor:
+    """`max(Mc, 0)` with the gradient passed straight through (see
+    `ParallelMHLAttention.effective_mixing`)."""
+    return mixing + (mixing.clamp(min=0) - mixing).detach()
+
+
 class ParallelMHLAttention(AttentionProjections):
     """MHLA self-attention, heads split over `tp_group`, tokens over `cp_group`.
 
@@ -259,20 +287,8 @@ class ParallelMHLAttention(AttentionProjections):
                              "it needs normalize=False")
         self.block_size, self.causal, self.normalize = block_size, causal, normalize
         self.phi = feature_map(feature, normalize=normalize)
-        full = torch.eye(max_blocks) if mixing_init is None else mixing_init.float()
-        if per_head_mixing and full.dim() == 2:
-            full = full.expand(num_heads, max_blocks, max_blocks)
-        expect = (num_heads,) * per_head_mixing + (max_blocks, max_blocks)
-        if tuple(full.shape) != expect:
-            raise ValueError(f"mixing_init has shape {tuple(full.shape)}; expected {expect}")
-        if per_head_mixing:
-            rank = dist.get_rank(self.tp_group)
-            full = full[rank * self.local_heads:(rank + 1) * self.local_heads]
-        self.mixing = nn.Parameter(full.clone().contiguous())
-        if per_head_mixing:
-            # Split by heads like the column-parallel weights: gathered along dim 0.
-            self.mixing.tensor_model_parallel, self.mixing.partition_dim = True, 0
-            self.mixing.partition_stride = 1
+        self.mixing = mixing_parameter(mixing_init, num_heads, max_blocks, per_head_mixing,
+                                       self.tp_group)
 
     def features(self, x: torch.Tensor, positions: torch.Tensor, sp: bool = False):
         q, k, v = self.project(x, sp)
@@ -287,9 +303,7 @@ class ParallelMHLAttention(AttentionProjections):
         through (an entry pushed below zero still feels the gradient at zero and can come
         back, instead of dying). `normalize=False` has no denominator and uses `Mc` as is.
         """
-        if not self.normalize:
-            return self.mixing
-        return self.mixing + (self.mixing.clamp(min=0) - self.mixing).detach()
+        return nonnegative_mixing(self.mixing) if self.normalize else self.mixing
 
     def mixing_for_heads(self) -> torch.Tensor:
         mixing = self.effective_mixing()

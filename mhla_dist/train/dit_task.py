@@ -8,7 +8,9 @@ evaluation scores the same noisy clips; it drops no labels or captions.
 
 Clips are handed to the model as float32 (the model casts them to its own dtype);
 captions (`model.caption_dim > 0`) come from the shards' `emb.npy` and a dropped caption
-is the zero vector, the unconditional input the sampler's guidance uses.
+is the zero vector, the unconditional input the sampler's guidance uses. Caption tokens
+(`model.text_dim > 0`, `emb.npy` `[L, text_dim]`) come padded with their mask; a dropped
+one is all zeros, all attended.
 """
 
 from __future__ import annotations
@@ -55,10 +57,11 @@ class DiTTask:
         self.patch_values = m.num_tokens // topo.cp * m.patch_dim  # per clip, this rank
 
     def build_model(self) -> torch.nn.Module:
-        from mhla_dist.model.dit import DiT
+        from mhla_dist.model.video import build_dit
 
-        return DiT(self.cfg.model, tp_group=self.topo.tp_group, cp_group=self.topo.cp_group,
-                   sequence_parallel=self.cfg.parallel.sequence_parallel)
+        return build_dit(self.cfg.model, tp_group=self.topo.tp_group,
+                         cp_group=self.topo.cp_group,
+                         sequence_parallel=self.cfg.parallel.sequence_parallel)
 
     def loader(self, split: str):
         d, t = self.cfg.data, self.topo
@@ -66,8 +69,10 @@ class DiTTask:
         if not urls:
             return None
         m = self.cfg.model
+        text = (m.text_len, m.text_dim) if m.text_dim else None
         return video_loader(urls, batch_size=d.micro_batch_size,
                             with_label=m.num_classes > 0, with_caption=m.caption_dim > 0,
+                            text_shape=text, pad_text_to_len=not m.text_mask,
                             dp_rank=t.dp_rank,
                             dp_size=t.dp, num_workers=d.workers, seed=d.seed,
                             shuffle=split == "train", shuffle_buffer=d.shuffle_buffer)
@@ -123,8 +128,17 @@ class DiTTask:
             if training:
                 caption = drop_captions(caption, m.caption_dropout, g)
             caption = caption.to(device)
+        text = text_mask = None
+        if m.text_dim > 0:
+            text = batch["text"].float()
+            text_mask = batch.get("text_mask")
+            if text_mask is None:  # padded to text_len: every token attended (Wan)
+                text_mask = torch.ones(text.shape[:2], dtype=torch.bool)
+            if training:
+                text, text_mask = drop_captions(text, m.caption_dropout, g, text_mask)
+            text, text_mask = text.to(device), text_mask.to(device)
         total, count = rectified_flow_loss(_EngineAsModel(engine), x0, noise, t, labels,
-                                           caption)
+                                           caption, text, text_mask)
         return total, torch.tensor(count)
 
     def samples_and_tokens(self) -> tuple[int, int]:

@@ -10,6 +10,7 @@ from mhla_dist.config.dit import DIT_PRESET_PARAMS, DIT_PRESETS, dit_config
 from mhla_dist.model.dit import DiT
 from mhla_dist.model.dit_cost import dit_num_parameters
 from mhla_dist.model.rectified_flow import rectified_flow_loss
+from mhla_dist.model.video import build_dit
 from mhla_kernels import block_grid_mixing
 from tests.model.dit_helpers import batch, perturb
 from tests.numerics import rel_err
@@ -78,7 +79,7 @@ def test_preset_built_on_meta(solo, name):
     """The presets built on the meta device: the real count is the analytic one, within 5%
     of the name."""
     with torch.device("meta"):
-        model = DiT(dit_config(name), tp_group=solo, cp_group=solo)
+        model = build_dit(dit_config(name), tp_group=solo, cp_group=solo)
     count = model.num_parameters()
     assert count == dit_num_parameters(model.cfg)
     if name in DIT_PRESET_PARAMS:
