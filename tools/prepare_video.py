@@ -11,6 +11,17 @@ repeats frames), its shorter side resized to `--size` and centre-cropped to a sq
 then stored as uint8 (float inputs in [0, 1] are scaled; use `--keep-float` to store
 float32). `--label-from-parent` labels a clip by its parent folder (classes in sorted
 name order, written to `<prefix>.json`).
+
+`--vae DIR` stores latents instead of pixels: the sampled frames (RGB; grey is repeated to
+3 channels) are encoded by the local diffusers `AutoencoderKLWan` / `AutoencoderKL` folder
+DIR (`mhla_dist.data.vae`; nothing is downloaded) in batches of `--vae-batch` clips on
+`--device`, and each clip holds float32 `[C, F', H', W']` normalised latents. The frame
+count and size are checked against the VAE first (Wan: `--frames` = 1 + 4k, `--size` a
+multiple of its spatial compression); the summary prints the latent shape to set as
+`model.in_channels, frames, height, width`.
+
+    python tools/prepare_video.py --input clips/ --output data/wan --frames 17 --size 256 \
+        --vae checkpoints/wan2.1-vae --device cuda --dtype bf16
 """
 
 from __future__ import annotations
@@ -25,10 +36,11 @@ import torch
 import torch.nn.functional as F
 from rich.progress import Progress
 
-from mhla_dist.data import ShardSink, clip_sample
+from mhla_dist.data import ShardSink, VideoVAE, clip_sample, load_vae
 
 log = logging.getLogger("prepare_video")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def find_clips(paths: list[str]) -> list[Path]:
@@ -85,6 +97,36 @@ def resize_clip(clip: np.ndarray, frames: int, size: int, keep_float: bool) -> n
     return x.round().clamp(0, 255).to(torch.uint8).contiguous().numpy()
 
 
+def vae_input(clip: np.ndarray) -> torch.Tensor:
+    """uint8 frames `[F, H, W, C]` (C = 3, or 1 for grey) -> `[3, F, H, W]` in [-1, 1]."""
+    if clip.shape[-1] not in (1, 3):
+        raise ValueError(f"a VAE encodes RGB frames (3 channels, or 1 for grey), got "
+                         f"{clip.shape[-1]} channels")
+    x = torch.from_numpy(clip).float().div(127.5).sub(1.0).permute(3, 0, 1, 2)
+    return x.expand(3, -1, -1, -1).contiguous()
+
+
+class LatentWriter:
+    """Collects clips into batches of `batch` for the VAE and writes their latents."""
+
+    def __init__(self, sink: ShardSink, vae: VideoVAE, batch: int):
+        self.sink, self.vae, self.batch = sink, vae, batch
+        self.pending: list[tuple[torch.Tensor, int | None, str]] = []
+
+    def add(self, pixels: torch.Tensor, label: int | None, source: str) -> None:
+        self.pending.append((pixels, label, source))
+        if len(self.pending) == self.batch:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        latents = self.vae.encode(torch.stack([p for p, _, _ in self.pending])).numpy()
+        for latent, (_, label, source) in zip(latents, self.pending, strict=True):
+            self.sink.write(clip_sample(self.sink.summary.samples, latent, label, source=source))
+        self.pending.clear()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -99,10 +141,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep-float", action="store_true", help="store float32, not uint8")
     ap.add_argument("--prefix", default="clips", help="shard file name prefix")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    ap.add_argument("--vae", metavar="DIR",
+                    help="store VAE latents: a local diffusers AutoencoderKLWan / AutoencoderKL "
+                         "folder")
+    ap.add_argument("--vae-batch", type=int, default=8, help="clips per VAE encode call")
+    ap.add_argument("--device", default="cpu", help="device the VAE runs on (cpu, cuda, ...)")
+    ap.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="VAE weight dtype")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if min(args.frames, args.size) < 1:
         ap.error("--frames and --size must be >= 1")
+    if args.vae and args.keep_float:
+        ap.error("--keep-float stores float pixels; with --vae the clips are float32 latents")
+    if args.vae_batch < 1:
+        ap.error(f"--vae-batch {args.vae_batch} must be >= 1")
 
     clips = find_clips(args.input)
     if not clips:
@@ -111,29 +163,51 @@ def main(argv: list[str] | None = None) -> int:
     classes = sorted({c.parent.name for c in clips}) if args.label_from_parent else []
     meta = {"kind": "video", "classes": classes,
             "clip_shape": [args.frames, args.size, args.size, 3]}
+    shape = f"[{args.frames}, {args.size}, {args.size}, C]"
+    vae = None
+    if args.vae:
+        vae = load_vae(args.vae, device=args.device, dtype=DTYPES[args.dtype])
+        try:
+            latent = vae.latent_shape(args.frames, args.size, args.size)
+        except ValueError as exc:
+            ap.error(f"--frames {args.frames} --size {args.size} do not fit the VAE in "
+                     f"{args.vae}: {exc}")
+        log.info("clips [%d, %d, %d, 3] -> latents [C, F', H', W'] = %s", args.frames,
+                 args.size, args.size, list(latent))
+        meta["clip_shape"] = list(latent)
+        meta["vae"] = {"path": str(args.vae), "kind": vae.kind}
+        shape = (f"{list(latent)} latents (model.in_channels={latent[0]} frames={latent[1]} "
+                 f"height={latent[2]} width={latent[3]})")
     failed = 0
     channels: set[int] = set()
     with ShardSink(args.output, args.prefix, maxcount=args.shard_size, meta=meta) as sink, \
             Progress(disable=args.quiet) as progress:
+        latents = LatentWriter(sink, vae, args.vae_batch) if vae is not None else None
         task = progress.add_task("clips", total=len(clips))
         for path in clips:
             try:
                 clip = resize_clip(load_clip(path), args.frames, args.size, args.keep_float)
+                pixels = vae_input(clip) if latents is not None else None
             except (OSError, ValueError) as exc:
                 log.warning("skipping %s: %s", path, exc)
                 failed += 1
                 progress.advance(task)
                 continue
-            channels.add(clip.shape[-1])
             label = classes.index(path.parent.name) if classes else None
-            sink.write(clip_sample(sink.summary.samples, clip, label, source=str(path)))
+            if latents is not None:
+                latents.add(pixels, label, str(path))
+            else:
+                channels.add(clip.shape[-1])
+                sink.write(clip_sample(sink.summary.samples, clip, label, source=str(path)))
             progress.advance(task)
+        if latents is not None:
+            latents.flush()
     s = sink.summary
     if len(channels) > 1:
         log.warning("clips have different channel counts %s: a batch needs one shape",
                     sorted(channels))
     print(f"clips: {s.samples}  skipped: {failed}  shards: {len(s.shards)}  shape: "
-          f"[{args.frames}, {args.size}, {args.size}, C]\nloader pattern: {s.pattern}")
+          f"{shape}\nloader pattern: {s.pattern}")
     return 0 if s.samples else 1
 
 

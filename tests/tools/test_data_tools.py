@@ -88,3 +88,51 @@ def test_prepare_video_from_npy_and_frame_folders(tmp_path, capsys):
     assert batch["clip"].dtype == torch.uint8 and batch["label"].tolist() == [0, 0, 1]
     frames = batch["clip"][2]  # the PNG clip: frames 0, 2, 3 of 4 (evenly spaced)
     assert frames[:, 4, 4, 0].tolist() == [0, 80, 120]
+
+
+# --- prepare_video.py --vae (issue #18): latents from a tiny random VAE saved by the test ---
+
+
+def test_prepare_video_with_a_vae(tmp_path, capsys):
+    pytest.importorskip("diffusers")
+    from mhla_dist.data import load_vae
+    from mhla_dist.train.dit_task import to_model_layout
+    from tests.data.test_vae import save_tiny_vae
+
+    vae_dir = save_tiny_vae(tmp_path / "vae", "wan")
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    np.save(src / "a.npy", rng.integers(0, 255, (7, 20, 24, 3), dtype=np.uint8))
+    np.save(src / "b.npy", rng.random((9, 16, 16)))  # grey floats in [0, 1]
+    np.save(src / "c.npy", rng.integers(0, 255, (5, 16, 16, 3), dtype=np.uint8))
+    common = ["--input", str(src), "--frames", "5", "--size", "16", "--quiet"]
+    assert prepare_video.main([*common, "--output", str(tmp_path / "px")]) == 0
+    capsys.readouterr()
+    assert prepare_video.main([*common, "--output", str(tmp_path / "z"), "--vae", str(vae_dir),
+                               "--vae-batch", "2"]) == 0
+    assert "[4, 3, 8, 8] latents (model.in_channels=4 frames=3 height=8 width=8)" in \
+        capsys.readouterr().out
+    index = json.loads((tmp_path / "z" / "clips.json").read_text())
+    assert index["clip_shape"] == [4, 3, 8, 8] and index["vae"]["kind"] == "wan"
+
+    def read(out):  # webdataset's own reader: the stored arrays, in order
+        pattern = json.loads((out / "clips.json").read_text())["pattern"]
+        return [s["clip.npy"] for s in wds.WebDataset(pattern, shardshuffle=False).decode()]
+
+    pixels, stored = read(tmp_path / "px"), read(tmp_path / "z")
+    assert [z.dtype for z in stored] == [np.float32] * 3
+    vae = load_vae(vae_dir)
+    for frames, latent in zip(pixels, stored, strict=True):
+        x = torch.from_numpy(frames).float() / 127.5 - 1  # [F, H, W, C], C = 3 or 1 (grey)
+        x = x.permute(3, 0, 1, 2).expand(3, -1, -1, -1)[None]
+        ref = vae.encode(x)[0]
+        assert float((torch.from_numpy(latent) - ref).norm() / ref.norm()) < 1e-5
+    (batch,) = list(video_loader(index["pattern"], batch_size=3, num_epochs=1, shuffle=False,
+                                 with_label=False, clip_shape=(4, 3, 8, 8)))
+    assert to_model_layout(batch["clip"], (4, 3, 8, 8)).shape == (3, 4, 3, 8, 8)
+
+    with pytest.raises(SystemExit) as exc:  # checked against the VAE before encoding
+        prepare_video.main([*common, "--frames", "6", "--output", str(tmp_path / "bad"),
+                            "--vae", str(vae_dir)])
+    assert exc.value.code == 2 and "nearest 5 or 9" in capsys.readouterr().err
