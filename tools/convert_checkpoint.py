@@ -19,6 +19,10 @@
         --preset xl2
     python tools/convert_checkpoint.py import-dit ckpt.pt out/dit.safetensors num_heads=16 \
         block_grid=[1,4,4] pos_embed=learned
+    # a diffusers WanTransformer3DModel folder (Wan2.1 T2V) -> the MHLA DiT (arch wan); the
+    # clip comes from a preset or frames=/height=/width=/block_grid= (softmax_layers=all: Wan)
+    python tools/convert_checkpoint.py import-wan Wan2.1-T2V-1.3B-Diffusers/transformer \
+        out/wan.safetensors --preset wan2.1-1.3b
     # resize the learned Mc for a new max_seq_len / block size
     python tools/convert_checkpoint.py resize-mixing in.safetensors out.safetensors max_seq_len=8192
 
@@ -92,6 +96,14 @@ def _dit(args) -> str:
     return rep.to_text() + f"\nwrote {args.output}"
 
 
+def _wan(args) -> str:
+    from mhla_dist.convert.import_wan import import_wan
+
+    rep = import_wan(args.source, args.output, preset=args.preset, dtype=args.dtype,
+                     **_key_values(args.overrides))
+    return rep.to_text() + f"\nwrote {args.output}"
+
+
 def _resize(args) -> str:
     from mhla_dist.convert.mixing_resize import resize_checkpoint_mixing
 
@@ -148,6 +160,15 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("overrides", nargs="*", help="DiTConfig keys, e.g. num_heads=16 "
                    "block_grid=[1,4,4] pos_embed=learned softmax_layers=[0]")
     d.set_defaults(run=_dit)
+    w = sub.add_parser("import-wan", help="diffusers WanTransformer3DModel -> MHLA DiT "
+                       "weights (arch wan)")
+    w.add_argument("source", help="the transformer folder (config.json + safetensors)")
+    w.add_argument("output")
+    w.add_argument("--preset", default=None, help="e.g. wan2.1-1.3b (default: sizes from "
+                   "config.json; then give frames= height= width= block_grid=)")
+    w.add_argument("overrides", nargs="*", help="DiTConfig keys, e.g. block_grid=[3,5,4] "
+                   "softmax_layers=all (or [0,1]) per_head_mixing=true")
+    w.set_defaults(run=_wan)
     e = sub.add_parser("export-hf", help="an MHLA LM -> a transformers folder "
                        "(trust_remote_code=True)")
     e.add_argument("source", help="a run directory, a checkpoint or universal folder, or a "
@@ -165,7 +186,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("overrides", nargs="*", help="model keys: max_seq_len=, block_size=, "
                    "num_blocks= (LM) or block_grid=[fb,hb,wb] (DiT)")
     r.set_defaults(run=_resize)
-    for s in (z, ll, d, r):
+    for s in (z, ll, d, w, r):
         s.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     return p
 

@@ -33,7 +33,7 @@ from mhla_kernels import block_grid_mixing
 from .dit_cost import dit_flops_per_sample, dit_num_parameters
 from .dit_layers import modulate, sincos_pos_embed_3d
 from .video_base import VideoTransformer
-from .wan_layers import CrossAttention
+from .wan_layers import CrossAttention, layer_norm32
 
 __all__ = ["DiT", "DiTBlock", "FinalLayer", "dit_flops_per_sample", "dit_num_parameters"]
 
@@ -87,7 +87,9 @@ class DiTBlock(nn.Module):
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = modulation.chunk(6, dim=-1)
         x = x + gate_a[:, None] * self.attn(modulate(self.norm1(x), shift_a, scale_a))
         if text is not None:
-            x = x + self.cross_attn(self.norm_cross(x), text, text_mask)
+            shard_group = self.tp_group if self.sequence_parallel else None
+            h = layer_norm32(self.norm_cross, x, shard_group).to(x.dtype)
+            x = x + self.cross_attn(h, text, text_mask)
         return x + gate_m[:, None] * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
 
 

@@ -33,6 +33,7 @@ from .video_base import VideoTransformer
 from .wan_layers import (
     CrossAttention,
     WanSelfAttention,
+    fp32,
     layer_norm32,
     replicated_on_tokens,
     rope_tables,
@@ -75,15 +76,17 @@ class WanBlock(nn.Module):
                 text_mask: torch.Tensor | None = None) -> torch.Tensor:
         """`x` this rank's tokens `[B, n, hidden]` (under SP its TP shard), `e` the time
         projection `[B, 6, hidden]`, `rope` the `(cos, sin)` of this CP rank's tokens."""
-        mod = replicated_on_tokens(self.modulation.float() + e.float(), self.tp_group,
+        mod = replicated_on_tokens(fp32(self.modulation) + fp32(e), self.tp_group,
                                    self.sequence_parallel)
         shift, scale, gate, c_shift, c_scale, c_gate = (m[:, None] for m in mod.unbind(1))
         h = (layer_norm32(self.norm1, x) * (1 + scale) + shift).to(x.dtype)
-        x = (x.float() + self.attn(h, rope).float() * gate).to(x.dtype)
+        x = (fp32(x) + fp32(self.attn(h, rope)) * gate).to(x.dtype)
         if text is not None:
-            x = x + self.cross_attn(layer_norm32(self.norm2, x).to(x.dtype), text, text_mask)
+            shard_group = self.tp_group if self.sequence_parallel else None
+            h = layer_norm32(self.norm2, x, shard_group).to(x.dtype)
+            x = x + self.cross_attn(h, text, text_mask)
         h = (layer_norm32(self.norm3, x) * (1 + c_scale) + c_shift).to(x.dtype)
-        return (x.float() + self.mlp(h).float() * c_gate).to(x.dtype)
+        return (fp32(x) + fp32(self.mlp(h)) * c_gate).to(x.dtype)
 
 
 class WanHead(nn.Module):
@@ -99,7 +102,7 @@ class WanHead(nn.Module):
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        shift, scale = (self.modulation.float() + temb.float()[:, None]).chunk(2, dim=1)
+        shift, scale = (fp32(self.modulation) + fp32(temb)[:, None]).chunk(2, dim=1)
         return self.linear((layer_norm32(self.norm, x) * (1 + scale) + shift).to(x.dtype))
 
 
@@ -117,14 +120,22 @@ class WanDiT(VideoTransformer):
         if sp:
             sequence_shard_check(cfg.num_tokens // self.cp, self.tp)
         self.time_proj = nn.Linear(h, 6 * h)
-        cos, sin = rope_tables(cfg.head_dim, cfg.patch_grid, cfg.block_grid, cfg.rope_theta)
-        self.register_buffer("rope_cos", cos[self.token_slice].float(), persistent=False)
-        self.register_buffer("rope_sin", sin[self.token_slice].float(), persistent=False)
+        self._rope: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         mixing = block_grid_mixing(tuple(cfg.block_grid), cfg.mixing_init)
         self.blocks = nn.ModuleList(
             WanBlock(cfg, i, mixing_init=mixing, tp_group=self.tp_group,
                      cp_group=self.cp_group, sequence_parallel=sp) for i in range(cfg.depth))
         self.head = WanHead(h, cfg.patch_dim, cfg.norm_eps)
+
+    def rope(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(cos, sin)` `[N/cp, head_dim/2]` fp32 of this CP rank's tokens. Not buffers: a
+        bf16 engine would round the angles' cosines to 8 bits (Wan keeps them fp32 too)."""
+        if device not in self._rope:
+            cfg = self.cfg
+            tables = rope_tables(cfg.head_dim, cfg.patch_grid, cfg.block_grid, cfg.rope_theta)
+            self._rope[device] = tuple(t[self.token_slice].to(device, torch.float32)
+                                       for t in tables)
+        return self._rope[device]
 
     def forward_tokens(self, tokens_local: torch.Tensor, t: torch.Tensor,
                        labels: torch.Tensor | None = None,
@@ -138,7 +149,7 @@ class WanDiT(VideoTransformer):
         temb = self.condition(t, labels, caption)
         e = self.time_proj(torch.nn.functional.silu(temb)).unflatten(1, (6, -1))
         text, text_mask = self.embed_text(x.shape[0], text, text_mask)
-        rope = (self.rope_cos, self.rope_sin)
+        rope = self.rope(x.device)
         for block in self.blocks:
             if self.cfg.activation_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, e, rope, text, text_mask, use_reentrant=False)

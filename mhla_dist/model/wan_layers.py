@@ -45,11 +45,22 @@ class TextEmbedder(nn.Module):
         return self.linear_2(F.gelu(self.linear_1(text), approximate="tanh"))
 
 
-def layer_norm32(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    """`norm(x)` computed in fp32 (Wan's `FP32LayerNorm`): fp32 out, whatever `x` is."""
-    weight = None if norm.weight is None else norm.weight.float()
-    bias = None if norm.bias is None else norm.bias.float()
-    return F.layer_norm(x.float(), norm.normalized_shape, weight, bias, norm.eps)
+def fp32(x: torch.Tensor) -> torch.Tensor:
+    """`x` in fp32 at least (bf16 -> fp32, fp64 stays): where Wan computes in fp32."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def layer_norm32(norm: nn.LayerNorm, x: torch.Tensor, tp_group=None) -> torch.Tensor:
+    """`norm(x)` computed in fp32 at least (Wan's `FP32LayerNorm`), returned so.
+
+    `tp_group`: `x` is this rank's sequence-parallel shard of the tokens, so an affine
+    norm's gradients are TP-summed (every TP rank holds the whole weight)."""
+    x32 = fp32(x)
+    weight, bias = ((None if p is None else p.to(x32.dtype)) for p in (norm.weight, norm.bias))
+    if tp_group is not None:
+        weight, bias = ((None if p is None else copy_to_group(p, tp_group))
+                        for p in (weight, bias))
+    return F.layer_norm(x32, norm.normalized_shape, weight, bias, norm.eps)
 
 
 class HeadsRMSNorm(nn.Module):
@@ -69,12 +80,12 @@ class HeadsRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """`x` `[B, n, H_local, d]` -> the same shape, normalised over `H * d`."""
-        x32 = x.float()
+        x32 = fp32(x)
         square = x32.pow(2).sum((-2, -1), keepdim=True)
         if self.tp > 1:
             square = all_reduce_sum(square, self.tp_group)
         x32 = x32 * torch.rsqrt(square / self.width + self.eps)
-        return (x32 * self.weight.float().view(x.shape[-2:])).to(x.dtype)
+        return (x32 * self.weight.to(x32.dtype).view(x.shape[-2:])).to(x.dtype)
 
 
 def rope_tables(head_dim: int, patch_grid: Sequence[int], block_grid: Sequence[int],

@@ -4,7 +4,6 @@ loss that falls in 30 CPU steps on a tiny synthetic batch."""
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from mhla_dist.config.dit import DIT_PRESET_PARAMS, DIT_PRESETS, dit_config
 from mhla_dist.model.dit import DiT
@@ -14,19 +13,6 @@ from mhla_dist.model.video import build_dit
 from mhla_kernels import block_grid_mixing
 from tests.model.dit_helpers import batch, perturb
 from tests.numerics import rel_err
-
-
-@pytest.fixture(scope="module")
-def solo():
-    """A one-rank process group (the TP and CP group of a single-process model)."""
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    if dist.get_world_size() != 1:
-        pytest.skip("needs a single-process world")
-    yield dist.new_group([0])
-    if created:
-        dist.destroy_process_group()
 
 
 def build(solo, seed=0, **overrides):

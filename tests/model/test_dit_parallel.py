@@ -1,5 +1,5 @@
-"""The tiny DiT at TP = 2, CP = 2 and TP2 x CP2 (TP with and without sequence
-parallelism) equals the single-process model with the
+"""The tiny DiT and the tiny Wan-architecture model at TP = 2, CP = 2 and TP2 x CP2 (TP
+with and without sequence parallelism) equal the single-process model with the
 same full weights: the loss (global sum / global count), the gathered velocity and every
 parameter gradient (TP shards gathered, summed over CP ranks as the DP x CP reduction
 does). One spawn per world size holds all of its cases."""
@@ -12,11 +12,16 @@ from tests.parallel.harness import run_ranks
 
 B = 2
 # Hybrid (an MHLA and a softmax block) with a caption; the second adds a learned position
-# embedding, per-head Mc and activation checkpointing.
+# embedding, per-head Mc, activation checkpointing and caption tokens (cross-attention,
+# padding masked); the third is arch wan (q/k norms across the TP-split heads, 3-D RoPE)
+# with caption tokens and a softmax block.
 CONFIGS = {
     "hybrid-caption": dict(softmax_layers=[1], caption_dim=8),
-    "learned-perhead-ckpt": dict(softmax_layers=[0], pos_embed="learned", per_head_mixing=True,
-                                 activation_checkpointing=True, mixing_init="exp"),
+    "learned-perhead-ckpt-text": dict(
+        softmax_layers=[0], pos_embed="learned", per_head_mixing=True,
+        activation_checkpointing=True, mixing_init="exp", text_dim=8),
+    "wan-text-hybrid-perhead": dict(arch="wan", pos_embed="rope", text_dim=8, num_classes=0,
+                                    softmax_layers=[1], per_head_mixing=True),
 }
 
 
@@ -32,25 +37,26 @@ def _groups(rank, tp, cp):
 
 def _case(cfg_overrides, tp_group, cp_group, solo, sp=False):
     from mhla_dist.config.dit import dit_config
-    from mhla_dist.model.dit import DiT
     from mhla_dist.model.rectified_flow import rectified_flow_loss
+    from mhla_dist.model.video import build_dit
     from mhla_dist.parallel.tp_state import full_grads, full_state_dict, load_full_state_dict
-    from tests.model.dit_helpers import batch, perturb
+    from tests.model.dit_helpers import batch, perturb, text_batch
 
     cfg = dit_config("tiny", **cfg_overrides)
     torch.manual_seed(11)
-    ref = DiT(cfg, tp_group=solo, cp_group=solo).double()
+    ref = build_dit(cfg, tp_group=solo, cp_group=solo).double()
     perturb(ref)
     torch.manual_seed(11)
-    model = DiT(cfg, tp_group=tp_group, cp_group=cp_group, sequence_parallel=sp).double()
+    model = build_dit(cfg, tp_group=tp_group, cp_group=cp_group, sequence_parallel=sp).double()
     load_full_state_dict(model, full_state_dict(ref, solo), tp_group)
     clip, noise, t, labels = batch(cfg, B, seed=3, dtype=torch.float64)
     caption = (torch.randn(B, cfg.caption_dim, generator=torch.Generator().manual_seed(4),
                            dtype=torch.float64) if cfg.caption_dim else None)
+    cond = (labels, caption, *text_batch(cfg, B, dtype=torch.float64))
 
-    ref_sum, ref_count = rectified_flow_loss(ref, clip, noise, t, labels, caption)
+    ref_sum, ref_count = rectified_flow_loss(ref, clip, noise, t, *cond)
     (ref_sum / ref_count).backward()
-    local_sum, local_count = rectified_flow_loss(model, clip, noise, t, labels, caption)
+    local_sum, local_count = rectified_flow_loss(model, clip, noise, t, *cond)
     count = torch.tensor(float(local_count), dtype=torch.float64)
     dist.all_reduce(count, group=cp_group)  # tokens are split over CP only
     (local_sum / count).backward()
@@ -60,8 +66,7 @@ def _case(cfg_overrides, tp_group, cp_group, solo, sp=False):
     errs = {"count": abs(count.item() - ref_count),
             "loss": rel_err(loss / count, ref_sum.detach() / ref_count)}
     with torch.no_grad():
-        errs["velocity"] = rel_err(model.velocity(clip, t, labels, caption),
-                                   ref.velocity(clip, t, labels, caption))
+        errs["velocity"] = rel_err(model.velocity(clip, t, *cond), ref.velocity(clip, t, *cond))
     ref_grads = full_grads(ref, solo)
     grads = full_grads(model, tp_group)
     for name, g in grads.items():
