@@ -44,16 +44,15 @@ import logging
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 log = logging.getLogger("bench_train")
-MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "100000000000"}
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tools.bench_op import device_name  # noqa: E402  (the repo root first, as a script)
+from tools import bench_child  # noqa: E402  (the repo root first, as a script)
+from tools.bench_op import device_name  # noqa: E402
 
 DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16"}
 # The targets: (name, what, limit).
@@ -174,19 +173,7 @@ def measure(spec: dict) -> dict:
 
 # ------------------------------------------------------------------------ parent: sweep
 def run_child(spec: dict, timeout: float) -> dict:
-    env = dict(os.environ, **(MALLOC_ENV if spec["device"] == "cpu" else {}))
-    cmd = [sys.executable, "-m", "tools.bench_train", "--child", json.dumps(spec)]
-    try:
-        out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True,
-                             timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"status": f"timeout ({timeout:.0f} s)"}
-    if out.returncode != 0:
-        if out.returncode < 0:  # the kernel's OOM killer sends SIGKILL
-            return {"status": f"killed (signal {-out.returncode})"}
-        tail = (out.stderr.strip().splitlines() or ["?"])[-1]
-        return {"status": f"error: {tail}", "stderr_tail": out.stderr[-4000:]}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return bench_child.run_child("tools.bench_train", spec, timeout)
 
 
 def sweep(args) -> list[dict]:
@@ -426,7 +413,7 @@ def main(argv=None) -> None:
     report = {
         "device": name, "device_kind": args.device, "python": platform.python_version(),
         "torch": __import__("torch").__version__,
-        "env": MALLOC_ENV if args.device == "cpu" else {}, "load_average": load,
+        "env": bench_child.MALLOC_ENV if args.device == "cpu" else {}, "load_average": load,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                    if k != "child"},
         "models": models, "targets": found,

@@ -272,19 +272,26 @@ def convert_dit_state(src: dict[str, torch.Tensor], cfg: DiTConfig
         for target, fn, how in targets:
             out[target] = fn(src[key].float()).contiguous()
             rep.map(key, target, out[target], how)
-    mixing = block_grid_mixing(tuple(cfg.block_grid), cfg.mixing_init)
-    if cfg.per_head_mixing:
-        mixing = mixing.expand(cfg.num_heads, -1, -1)
     if cfg.pos_embed == "learned" and "pos_embed" not in out:
         out["pos_embed"] = sincos_pos_embed_3d(cfg.hidden_size, cfg.patch_grid, cfg.block_grid)
         rep.create("pos_embed", out["pos_embed"], "3-D sincos (the source has none)")
+    create_mixing(cfg, out, rep)
+    check_state(out, parameter_layout(cfg), "the converted weights")
+    return out, rep
+
+
+def create_mixing(cfg: DiTConfig, out: dict[str, torch.Tensor], rep: ConversionReport) -> None:
+    """Every MHLA block's `Mc` (`blocks.i.attn.mixing`) at the model's own init,
+    `block_grid_mixing` of the 3-D block grid (per head when `per_head_mixing`), into
+    `out`, each reported as created; blocks in `softmax_layers` have none."""
+    mixing = block_grid_mixing(tuple(cfg.block_grid), cfg.mixing_init)
+    if cfg.per_head_mixing:
+        mixing = mixing.expand(cfg.num_heads, -1, -1)
     for i in range(cfg.depth):
         if i not in cfg.softmax_layers:
             out[f"blocks.{i}.attn.mixing"] = mixing.clone().contiguous()
             rep.create(f"blocks.{i}.attn.mixing", mixing, f"block_grid_mixing({cfg.block_grid}, "
                        f"{cfg.mixing_init!r}), the model's init")
-    check_state(out, parameter_layout(cfg), "the converted weights")
-    return out, rep
 
 
 def import_dit(source: str | Path, output: str | Path, *, preset: str | None = None,

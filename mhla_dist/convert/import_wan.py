@@ -44,9 +44,9 @@ import torch
 from mhla_dist.config import DiTConfig
 from mhla_dist.config.dit import DIT_PRESETS, dit_config
 from mhla_dist.model.dit_layers import FREQUENCY_EMBEDDING_SIZE
-from mhla_kernels import block_grid_mixing
 
 from .files import write_consolidated
+from .import_dit import create_mixing
 from .model_spec import ConversionError, check_state, parameter_layout
 from .report import ConversionReport
 from .source_files import read_json, read_safetensors_source
@@ -246,14 +246,7 @@ def convert_wan_state(src: dict[str, torch.Tensor], cfg: DiTConfig
     for key, (_, target, fn, how) in plan.items():
         out[target] = fn(src[key].float()).contiguous()
         rep.map(key, target, out[target], how)
-    mixing = block_grid_mixing(tuple(cfg.block_grid), cfg.mixing_init)
-    if cfg.per_head_mixing:
-        mixing = mixing.expand(cfg.num_heads, -1, -1)
-    for i in range(cfg.depth):
-        if i not in cfg.softmax_layers:
-            out[f"blocks.{i}.attn.mixing"] = mixing.clone().contiguous()
-            rep.create(f"blocks.{i}.attn.mixing", mixing, f"block_grid_mixing({cfg.block_grid}, "
-                       f"{cfg.mixing_init!r}), the model's init")
+    create_mixing(cfg, out, rep)
     check_state(out, parameter_layout(cfg), "the converted weights")
     return out, rep
 

@@ -230,12 +230,7 @@ class _AllReduceSum(torch.autograd.Function):
         comm_stats.record("all_reduce", out)
         return out
 
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        comm_stats.record("all_reduce", grad)
-        return grad, None
+    backward = staticmethod(_CopyToGroup.backward)  # the sum of every rank's output gradient
 
 
 def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from tools import bench_dit
+from tools import bench_child, bench_dit
 
 REPO = Path(__file__).resolve().parents[2]
 # A process group built by an earlier test writes a world of one into os.environ.
@@ -46,7 +46,7 @@ def test_cli_times_both_variants_and_writes_the_report(tmp_path):
     assert report["models"]["mhla"]["softmax_layers"] == []
     assert report["models"]["mhla"]["hidden_size"] == 32
     assert report["command"][0] == "bench_dit.py" and "hidden_size=32" in report["command"]
-    assert report["env"] == bench_dit.MALLOC_ENV and report["torch"] == torch.__version__
+    assert report["env"] == bench_child.MALLOC_ENV and report["torch"] == torch.__version__
     parts = report["breakdown"]["parts"]
     assert report["breakdown"]["tokens"] == 256
     assert set(parts) == {"qkvo projections", "attention core", "mlp", "rest"}
