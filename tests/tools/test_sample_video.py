@@ -1,6 +1,7 @@
-"""tools/sample_video.py on tiny untrained DiT run directories: the files it writes, seeds,
-fp32 against bf16 and against `euler_sample` in-process, guidance, captions, and every
-refused input exits 2 with an `error:` naming the value."""
+"""tools/sample_video.py on tiny untrained DiT run directories: the files it writes (the
+exact grid, the labelled grid, the GIF), seeds, fp32 against bf16 and against
+`euler_sample` in-process, guidance, captions, and every refused input exits 2 with an
+`error:` naming the value."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def make_run(run_dir: Path, overrides: list[str]) -> None:
     from safetensors.torch import save_file
 
     from mhla_dist.config import config_to_yaml, load_config
-    from mhla_dist.model.dit import DiT
+    from mhla_dist.model.video import build_dit
     from mhla_dist.parallel import build_topology, destroy_topology
     from tests.model.dit_helpers import perturb
 
@@ -41,7 +42,7 @@ def make_run(run_dir: Path, overrides: list[str]) -> None:
     build_topology()
     try:
         torch.manual_seed(0)
-        model = DiT(cfg.model)
+        model = build_dit(cfg.model)
         perturb(model, seed=1, scale=0.1)
         # the parameters, as the trainer's consolidated file holds them
         save_file({k: p.detach().contiguous() for k, p in model.named_parameters()},
@@ -71,10 +72,13 @@ def cli(*args: object) -> subprocess.CompletedProcess:
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
+FILES = ["samples.npy", "samples.png", "samples_labelled.png", "samples.gif"]
+
+
 def sample(run: Path, out: Path, *args: object) -> np.ndarray:
     proc = cli(run, "--steps", STEPS, "--out", out, *args)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines() == [str(out / "samples.npy"), str(out / "samples.png")]
+    assert proc.stdout.splitlines() == [str(out / name) for name in FILES]
     return np.load(out / "samples.npy")
 
 
@@ -88,7 +92,7 @@ def test_samples_files_seed_and_in_process_equality(class_run, tmp_path):
     # row 1, column 2 of the grid is sample 1's frame 2, mapped from [-1, 1] to 0..255
     want = np.clip(np.rint((a[1, :, 2] + 1) * 127.5), 0, 255).astype(np.uint8)
     np.testing.assert_array_equal(grid[16:32, 32:48], want.transpose(1, 2, 0))
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["samples.npy", "samples.png"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted(FILES)
 
     again = sample(class_run, tmp_path / "b", "--num", "3", "--shift", "1.5", "--seed", "7")
     np.testing.assert_array_equal(a, again)
@@ -97,15 +101,15 @@ def test_samples_files_seed_and_in_process_equality(class_run, tmp_path):
     from safetensors.torch import load_file
 
     from mhla_dist.config import load_config
-    from mhla_dist.model.dit import DiT
     from mhla_dist.model.rectified_flow import euler_sample
+    from mhla_dist.model.video import build_dit
     from mhla_dist.parallel import build_topology, destroy_topology
 
     cfg = load_config(class_run / "config.yaml", ["parallel.tp=1", "parallel.cp=1"])
     noise = torch.randn(3, 3, 8, 16, 16, generator=torch.Generator().manual_seed(7))
     build_topology()
     try:
-        model = DiT(cfg.model)
+        model = build_dit(cfg.model)
         model.load_state_dict(load_file(str(class_run / "model.safetensors")))
         want = euler_sample(model.eval(), noise, torch.tensor([0, 1, 2]), int(STEPS),
                             shift=1.5)
@@ -160,6 +164,74 @@ def test_error_exits_2_from_the_command_line(tmp_path, class_run):
     assert not (tmp_path / "never").exists()
 
 
+def zoomed(pixels: np.ndarray, zoom: int) -> np.ndarray:
+    return pixels.repeat(zoom, axis=0).repeat(zoom, axis=1)
+
+
+@pytest.mark.parametrize("zoom", [0, 3], ids=["auto", "zoom3"])
+def test_gif_and_labelled_grid(class_run, tmp_path, zoom):
+    out = tmp_path / "out"
+    a = sample(class_run, out, "--labels", "2", "0", "4", "--class-names", "square", "disc",
+               "triangle", "ring", "--zoom", zoom, "--fps", "5")
+    pixels = sample_video.clip_pixels(a)  # [3, 8, 16, 16, 3]
+    z = zoom or sample_video.AUTO_ZOOM_PX // 16
+    h = w = 16 * z
+    gap, strip = sample_video.GAP, sample_video.LABEL_H
+    with Image.open(out / "samples.gif") as gif:
+        assert gif.format == "GIF" and gif.n_frames == 8
+        assert gif.size == (3 * w + 2 * gap, strip + h)
+        assert gif.info["loop"] == 0 and gif.info["duration"] == 200
+        for f in (0, 5):
+            gif.seek(f)
+            frame = np.asarray(gif.convert("RGB")).astype(int)
+            tile = frame[strip:, w + gap:2 * w + gap]  # sample 1, frame f
+            # a GIF has 256 colours: the tile is quantised, but nearer its own frame than
+            # to any other of the clips' frames
+            err = np.abs(tile - zoomed(pixels[1, f], z)).mean()
+            others = [np.abs(tile - zoomed(pixels[n, g], z)).mean()
+                      for n in range(3) for g in range(8) if (n, g) != (1, f)]
+            assert err < 12 and err < 0.5 * min(others), (err, min(others))
+    with Image.open(out / "samples_labelled.png") as png:
+        assert png.mode == "RGB" and png.size[1] == strip + 3 * h + 2 * gap
+        assert png.size[0] > 8 * w + 7 * gap  # the names' column
+        grid = np.asarray(png)
+    # sample 2's last frame ends at the right edge; frame 6 one frame before
+    top = strip + 2 * (h + gap)
+    np.testing.assert_array_equal(grid[top:top + h, -w:], zoomed(pixels[2, 7], z))
+    np.testing.assert_array_equal(grid[top:top + h, -2 * w - gap:-w - gap],
+                                  zoomed(pixels[2, 6], z))
+    assert (grid[:strip] == 255).mean() > 0.8  # white, the frame numbers in dark type
+    assert (grid[:strip] < 128).any()
+
+
+def test_grey_gif_is_exact(caption_run, tmp_path):
+    out = tmp_path / "grey"
+    a = sample(caption_run, out, "--num", "2", "--zoom", "2")
+    pixels = sample_video.clip_pixels(a)  # the first of 4 channels: [2, 8, 16, 16]
+    with Image.open(out / "samples.gif") as gif:
+        assert gif.n_frames == 8 and gif.size == (2 * 32 + sample_video.GAP,
+                                                  sample_video.LABEL_H + 32)
+        gif.seek(3)
+        frame = np.asarray(gif.convert("L"))
+    np.testing.assert_array_equal(frame[sample_video.LABEL_H:, :32], zoomed(pixels[0, 3], 2))
+    with Image.open(out / "samples_labelled.png") as png:
+        assert png.mode == "L"
+
+
+def test_row_names():
+    names = ["square", "disc", "triangle", "ring"]
+    assert sample_video.row_names(5, 4, None, None) == [f"class {i}" for i in (0, 1, 2, 3, 0)]
+    assert sample_video.row_names(3, 4, [3, 4, 0], names) == ["ring", "null", "square"]
+    assert sample_video.row_names(2, 0, None, None) == ["sample 0", "sample 1"]
+
+
+def test_bad_zoom_and_fps_exit_2(class_run, tmp_path):
+    for flag, value in (("--zoom", "-1"), ("--fps", "0")):
+        proc = cli(class_run, flag, value, "--out", tmp_path / "never")
+        assert proc.returncode == 2 and f"{flag} " in proc.stderr
+    assert not (tmp_path / "never").exists()
+
+
 @pytest.fixture(scope="module")
 def lm_run(tmp_path_factory) -> Path:
     from mhla_dist.config import config_to_yaml, load_config
@@ -178,7 +250,7 @@ def caption_file(tmp_path: Path, shape: tuple[int, ...], value: float = 0.5) -> 
 @pytest.mark.parametrize("case", [
     "lm", "label_high", "label_negative", "labels_vs_num", "labels_no_classes",
     "caption_dim", "caption_rows", "caption_nan", "caption_no_captions", "cfg_nothing",
-    "steps", "missing_run", "missing_weights",
+    "steps", "missing_run", "missing_weights", "class_names_count", "class_names_no_classes",
 ])
 def test_refused_inputs(case, tmp_path, capsys, class_run, caption_run, lm_run):
     if case == "missing_weights":
@@ -204,6 +276,9 @@ def test_refused_inputs(case, tmp_path, capsys, class_run, caption_run, lm_run):
         "steps": ([class_run, "--steps", "0"], "steps=0"),
         "missing_run": ([tmp_path / "nope"], "does not exist"),
         "missing_weights": ([tmp_path / "run"], "model.safetensors"),
+        "class_names_count": ([class_run, "--class-names", "a", "b"],
+                              "2 --class-names (a b) for a model of num_classes=4"),
+        "class_names_no_classes": ([caption_run, "--class-names", "a"], "num_classes=0"),
     }[case]
     out = tmp_path / "out"
     assert sample_video.main([str(a) for a in argv] + ["--out", str(out)]) == 2

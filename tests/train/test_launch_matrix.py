@@ -190,7 +190,8 @@ def check_sampler(row: Row, run_dir: Path, tmp_path: Path) -> None:
         cmd += ["--caption", str(caption)]
     proc = run_checked(cmd)
     paths = proc.stdout.split()
-    assert len(paths) == 2 and all(Path(p).exists() for p in paths), proc.stdout
+    assert len(paths) == 4 and all(Path(p).exists() for p in paths), proc.stdout
+    assert str(out / "samples.npy") in paths and str(out / "samples.gif") in paths
     samples = np.load(out / "samples.npy")
     assert samples.shape == (2, 3, 8, 16, 16), samples.shape
     assert np.isfinite(samples).all()
