@@ -9,7 +9,7 @@ from .collectives import (
     start_gather,
 )
 from .cp_attention import check_cp_shard, cp_mhla
-from .mpu import DeepSpeedMPU
+from .mpu import DeepSpeedMPU, init_deepspeed_comm
 from .topology import (
     LayoutError,
     Topology,
@@ -32,6 +32,7 @@ __all__ = [
     "cp_mhla",
     "destroy_topology",
     "gather_from_group",
+    "init_deepspeed_comm",
     "init_distributed",
     "reduce_scatter_to_group",
     "start_gather",

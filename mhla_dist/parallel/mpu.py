@@ -7,6 +7,8 @@ never DP alone: otherwise CP replicas drift apart. "Model parallel" is TP (no pi
 
 No `get_sequence_parallel_*` methods on purpose: DeepSpeed would take them for its own
 Ulysses sequence parallelism and change how it reduces gradients.
+
+`init_deepspeed_comm` is `deepspeed.init_distributed` for the trainer.
 """
 
 from __future__ import annotations
@@ -61,3 +63,25 @@ class DeepSpeedMPU:
         from megatron.core import parallel_state as ps
 
         return ps.get_pipeline_model_parallel_group()
+
+
+def init_deepspeed_comm(backend: str) -> None:
+    """`deepspeed.init_distributed(dist_backend=backend)`, without DeepSpeed's CPU
+    shared-memory all-reduce op.
+
+    On the CPU accelerator DeepSpeed JIT-compiles that C++ op (`deepspeed_shm_comm`) on
+    every first start, under a lock file in the torch extensions folder. A build that is
+    killed leaves the lock behind, and every later start then waits for it forever. The
+    op only serves `inference_all_reduce`, which training never calls, so it is marked
+    incompatible here and DeepSpeed uses the process group's all-reduce, as it does
+    where the op cannot be built. GPU accelerators never build it.
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu":
+        builder = accelerator.create_op_builder("ShareMemCommBuilder")
+        if builder is not None:
+            deepspeed.ops.__compatible_ops__[builder.NAME] = False
+    deepspeed.init_distributed(dist_backend=backend)

@@ -42,7 +42,7 @@ import torch.distributed as dist
 
 from mhla_dist.config import Config, LMConfig, config_to_yaml
 from mhla_dist.convert.universal import universal_checkpoint_info
-from mhla_dist.parallel import DeepSpeedMPU, Topology, build_topology
+from mhla_dist.parallel import DeepSpeedMPU, Topology, build_topology, init_deepspeed_comm
 
 from .checkpoint import (
     find_resume,
@@ -145,7 +145,7 @@ class Trainer:
             cfg.parallel.tp, cfg.parallel.cp, num_heads=m.num_heads,  # DiT: checked by config
             seq_len=(cfg.data.seq_len or m.max_seq_len) if lm else None,
             block_size=m.block_size if lm else None, timeout_s=cfg.train.timeout_s)
-        deepspeed.init_distributed(dist_backend=self.topo.backend)
+        init_deepspeed_comm(self.topo.backend)
         self.faults = FaultInjector(self.topo.rank)
         self._signal: int | None = None
         self.run_dir = Path(cfg.run_dir)

@@ -28,10 +28,10 @@ def _batch(step):
 def zero2_rank_fn(rank, world):
     import deepspeed
 
-    from mhla_dist.parallel import DeepSpeedMPU, build_topology
+    from mhla_dist.parallel import DeepSpeedMPU, build_topology, init_deepspeed_comm
 
     topo = build_topology(cp=world)
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_deepspeed_comm("gloo")
     model = _build(topo.tp_group, topo.cp_group)
     config = {"train_micro_batch_size_per_gpu": 1, "steps_per_print": 10**6,
               "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.0,
