@@ -5,7 +5,7 @@ LM token shards, one document per sample:
     `<key>.json`        `{"doc_id": int, ...}` (optional; otherwise a stable hash of the
                         shard and key)
 Video clip shards, one clip per sample:
-    `<key>.clip.npy`    `[F, H, W, C]` uint8 frames or `[F, C, h, w]` float latents (any
+    `<key>.clip.npy`    `[F, H, W, C]` frames (uint8) or `[C, F, H, W]` float latents (any
                         4-D array of one shape for the whole dataset)
     `<key>.cls`         ASCII integer class label (optional)
     `<key>.emb.npy`     caption embedding, float `[D]` or `[L, D]` (optional)
@@ -90,7 +90,7 @@ def decode_clip(
     """A video clip; `ValueError` if malformed, of another shape, or missing a needed field."""
     clip = load_npy(_first(files, ("clip.npy", "npy"), "clip array"), "clip")
     if clip.ndim != 4:
-        raise ValueError(f"clip must be 4-D ([F, H, W, C] or [F, C, h, w]), got {clip.shape}")
+        raise ValueError(f"clip must be 4-D ([F, H, W, C] frames or [C, F, H, W] latents), got {clip.shape}")
     if clip.dtype != np.uint8 and not np.issubdtype(clip.dtype, np.floating):
         raise ValueError(f"clip must be uint8 or float, got {clip.dtype}")
     if clip_shape is not None and tuple(clip.shape) != tuple(clip_shape):
