@@ -90,7 +90,8 @@ def decode_clip(
     """A video clip; `ValueError` if malformed, of another shape, or missing a needed field."""
     clip = load_npy(_first(files, ("clip.npy", "npy"), "clip array"), "clip")
     if clip.ndim != 4:
-        raise ValueError(f"clip must be 4-D ([F, H, W, C] frames or [C, F, H, W] latents), got {clip.shape}")
+        raise ValueError("clip must be 4-D ([F, H, W, C] frames or [C, F, H, W] latents), "
+                         f"got {clip.shape}")
     if clip.dtype != np.uint8 and not np.issubdtype(clip.dtype, np.floating):
         raise ValueError(f"clip must be uint8 or float, got {clip.dtype}")
     if clip_shape is not None and tuple(clip.shape) != tuple(clip_shape):

@@ -4,26 +4,20 @@ its lock behind (the trainer never builds that op); a bad config stops
 `python -m mhla_dist.train` with exit code 2."""
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
+from tests.train.launching import ROOT, launch_env
 from tests.train.runs import TINY_RUN, corpus
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _launch(script, tmp_path, name, data):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env["PYTHON"] = sys.executable
     # The lock file an interrupted `deepspeed_shm_comm` JIT build leaves: a start that
     # built the op would wait on it until the timeout.
     extensions = tmp_path / "torch_extensions"
     (extensions / "deepspeed_shm_comm").mkdir(parents=True, exist_ok=True)
     (extensions / "deepspeed_shm_comm" / "lock").touch()
-    env["TORCH_EXTENSIONS_DIR"] = str(extensions)
+    env = launch_env(TORCH_EXTENSIONS_DIR=str(extensions))
     run_dir = tmp_path / name
     cmd = ["bash", str(ROOT / "launch" / script), "--config", "configs/lm/tiny.yaml",
            *TINY_RUN, *data, "parallel.cp=2", "train.steps=3", f"run_dir={run_dir}"]
