@@ -116,38 +116,62 @@ def noncausal_outputs(qb, t, y, *, normalize: bool, eps: float, scale: float):
     return (qb @ t).div_((qb @ y.unsqueeze(-1)).add_(eps))
 
 
-def causal_numden(qc, kc, vc, u_kv, u_k, diag, t=None, y=None, *, normalize: bool):
+def weighted_keys(kc: torch.Tensor, diag: torch.Tensor) -> torch.Tensor:
+    """`Mc[i, i] k` for the keys of every block `i` (`kc` `[B, H, M, nc, c, d]`, `diag`
+    `[1 or H, M]`). The intra-block term is causal linear attention on these keys: the
+    earlier sub-chunks' state and the masked scores then carry the weight once, with no
+    multiply on any score-sized tensor."""
+    return kc * diag.reshape(1, diag.shape[0], diag.shape[1], 1, 1, 1).to(kc.dtype)
+
+
+def exclusive_cumsum(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """`out_j = sum_{j' < j} x_j'` along `dim`."""
+    return x.cumsum(dim).sub_(x)
+
+
+def bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`a @ b` over any leading dims, as one `bmm` (`a`, `b` broadcast-free)."""
+    out = torch.bmm(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]))
+    return out.view(*a.shape[:-1], b.shape[-1])
+
+
+def bmm_add_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`out += a @ b` in place over any leading dims (`out` contiguous)."""
+    out.view(-1, *out.shape[-2:]).baddbmm_(a.reshape(-1, *a.shape[-2:]),
+                                           b.reshape(-1, *b.shape[-2:]))
+    return out
+
+
+def causal_numden(qc, kc, vc, diag, t=None, y=None, *, normalize: bool):
     """Numerator `[B, H, M, nc, c, dv]` and denominator (before eps; None when not
     normalising) `[B, H, M, nc, c, 1]` of causal block outputs over sub-chunks.
 
-    qc, kc, vc: `[B, H, M, nc, c, *]`; u_kv, u_k: the sub-chunk summaries of kc, vc;
-    diag: `Mc[i, i]` as `[1 or H, M]`; t, y: the strictly-lower mix `[B, H, M, d, dv]`,
-    `[B, H, M, d]`, or None for the intra-block terms alone (what context parallelism
-    computes while the summaries are still being gathered). Token `t` in sub-chunk `j` of
-    block `i` sees the mixed prefix `T_i`, plus `Mc[i, i]` times the earlier sub-chunks'
-    state and its own sub-chunk's masked scores.
+    qc, kc, vc: `[B, H, M, nc, c, *]`; diag: `Mc[i, i]` as `[1 or H, M]`; t, y: the
+    strictly-lower mix `[B, H, M, d, dv]`, `[B, H, M, d]`, or None for the intra-block
+    terms alone (what context parallelism computes while the summaries are still being
+    gathered). Token `t` in sub-chunk `j` of block `i` sees the mixed prefix `T_i`, plus
+    `Mc[i, i]` times the earlier sub-chunks' state and its own sub-chunk's masked scores:
+    with `k' = Mc[i, i] k` (`weighted_keys`), `q (T_i + sum_{j' < j} k'^T v) + tril(q k'^T) v`.
     """
-    c = qc.shape[-2]
-    w = diag.reshape(1, diag.shape[0], diag.shape[1], 1, 1, 1)
-    # Exclusive cumulative sum over the sub-chunks of each block.
-    state = w * F.pad(u_kv.cumsum(3)[:, :, :, :-1], (0, 0, 0, 0, 1, 0))
+    kw = weighted_keys(kc, diag)
+    u_kv, u_k = summaries(kw, vc)
+    state = exclusive_cumsum(u_kv, 3)
     if t is not None:
-        state = t.unsqueeze(3) + state
-    mask = torch.ones(c, c, dtype=torch.bool, device=qc.device).tril()
-    scores = (qc @ kc.transpose(-1, -2)) * (mask * w)
-    num = qc @ state + scores @ vc
+        state += t.unsqueeze(3)
+    scores = bmm(qc, kw.transpose(-1, -2)).tril_()
+    num = bmm_add_(bmm(qc, state), scores, vc)
     if not normalize:
         return num, None
-    state_k = w[..., 0] * F.pad(u_k.cumsum(3)[:, :, :, :-1], (0, 0, 1, 0))
+    state_k = exclusive_cumsum(u_k, 3)
     if y is not None:
-        state_k = y.unsqueeze(3) + state_k
-    return num, qc @ state_k.unsqueeze(-1) + scores.sum(-1, keepdim=True)
+        state_k += y.unsqueeze(3)
+    return num, bmm(qc, state_k.unsqueeze(-1)).add_(scores.sum(-1, keepdim=True))
 
 
-def causal_outputs(qc, kc, vc, u_kv, u_k, t, y, diag, *, normalize: bool, eps: float, scale: float):
+def causal_outputs(qc, kc, vc, t, y, diag, *, normalize: bool, eps: float, scale: float):
     """Causal block outputs `[B, H, M, nc, c, dv]` (see `causal_numden`)."""
-    num, den = causal_numden(qc, kc, vc, u_kv, u_k, diag, t, y, normalize=normalize)
-    return num * scale if not normalize else num / (den + eps)
+    num, den = causal_numden(qc, kc, vc, diag, t, y, normalize=normalize)
+    return num.mul_(scale) if not normalize else num.div_(den.add_(eps))
 
 
 def merge_subchunks(o: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -169,7 +193,5 @@ def outputs(q, k, v, t, y, diag, block_size, *, causal, normalize, eps, scale):
     kb, vb = (to_blocks(x, block_size, m, dtype) for x in (k, v))
     chunk = subchunk_size(block_size)
     qc, kc, vc = (to_subchunks(x, chunk) for x in (qb, kb, vb))
-    u_kv, u_k = summaries(kc, vc)
-    o = causal_outputs(qc, kc, vc, u_kv, u_k, t, y, diag, normalize=normalize, eps=eps,
-                       scale=scale)
+    o = causal_outputs(qc, kc, vc, t, y, diag, normalize=normalize, eps=eps, scale=scale)
     return merge_subchunks(o, block_size)

@@ -1,23 +1,23 @@
 """Hand-written backward of the output stage (`blocked.outputs`), heads-first.
 
-Autograd through the output stage spends most of its time on the gradient of the
-broadcast `Mc[i, i]` multiplies and on flip-cumsum-flip for the exclusive prefix sums;
-written out, the backward is a handful of batched matmuls. The math, per sub-chunk with
-`X = T_i + w R_j` (`R_j` the earlier sub-chunks' `sum k v^T`), `A = w tril(q k^T)`,
-`num = q X + A v`, `den = q (y_i + w r_j) + A 1 + eps`, `o = num / den`, and `g = do`:
+Autograd through the output stage spends most of its time on the score-sized
+temporaries of its masks and multiplies; written out, the backward is a handful of
+batched matmuls. The math, per sub-chunk, with the weighted keys `k' = w k` (`w` =
+`Mc[i, i]`), `X = T_i + R'_j` (`R'_j` the earlier sub-chunks' `sum k' v^T`),
+`A = tril(q k'^T)`, `num = q X + A v`, `den = q (y_i + r'_j) + A 1 + eps`, `o = num / den`,
+and `g = do`:
 
     gn = g / den                 gd = -(g . o) / den        (normalised; else gn = scale g)
-    dq = gn X^T + gd Y^T + (w * mask * dA) k      with dA = gn v^T + gd 1^T
-    dk = (w * mask * dA)^T q + v dU^T + dU_k      dv = A^T gn + k dU
+    dq = gn X^T + gd Y^T + dA k'          with dA = tril(gn v^T + gd 1^T)
+    dk' = dA^T q + v dU'^T + dU'_k        dv = A^T gn + k' dU'
     dT_i = sum_j q^T gn          dy_i = sum_j q^T gd
-    dU_j = w sum_{j' > j} q_{j'}^T gn_{j'}         (and dU_k likewise with gd)
-    dw = <dX, R> + <dY, r> + <dA, tril(q k^T)>
+    dU'_j = sum_{j' > j} q_{j'}^T gn_{j'}          (and dU'_k likewise with gd)
+    dk = w dk'                   dw = sum over the block's tokens of dk' . k
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from . import blocked
 
@@ -50,67 +50,75 @@ def noncausal_outputs_bwd(qb, t, y, g, *, normalize, eps, scale):
     return dq, qb.transpose(-1, -2) @ gn, (qb.transpose(-1, -2) @ gd).squeeze(-1)
 
 
-def _causal_state(qc, kc, vc, t, y, diag):
+def _causal_state(qc, kc, vc, t, y, diag, normalize: bool):
     """The forward's intermediates, recomputed (t, y None: the intra-block terms alone)."""
-    c = qc.shape[-2]
-    w6 = diag.reshape(1, diag.shape[0], diag.shape[1], 1, 1, 1)
-    u_kv, u_k = blocked.summaries(kc, vc)
-    prev_kv = F.pad(u_kv.cumsum(3)[:, :, :, :-1], (0, 0, 0, 0, 1, 0))
-    prev_k = F.pad(u_k.cumsum(3)[:, :, :, :-1], (0, 0, 1, 0))
-    x, ystate = w6 * prev_kv, w6[..., 0] * prev_k
+    kw = blocked.weighted_keys(kc, diag)
+    u_kv, u_k = blocked.summaries(kw, vc)
+    x = blocked.exclusive_cumsum(u_kv, 3)
     if t is not None:
-        x, ystate = t.unsqueeze(3) + x, y.unsqueeze(3) + ystate
-    mask = torch.ones(c, c, dtype=torch.bool, device=qc.device).tril()
-    pm = (qc @ kc.transpose(-1, -2)) * mask
-    return dict(w6=w6, prev_kv=prev_kv, prev_k=prev_k, x=x, ystate=ystate, mask=mask, pm=pm,
-                a=pm * w6)
+        x += t.unsqueeze(3)
+    st = dict(kw=kw, x=x, a=blocked.bmm(qc, kw.transpose(-1, -2)).tril_())
+    if normalize:
+        ystate = blocked.exclusive_cumsum(u_k, 3)
+        if y is not None:
+            ystate += y.unsqueeze(3)
+        st["ystate"] = ystate
+    return st
 
 
-def _causal_numden_bwd(qc, kc, vc, st, gn, gd, diag_heads):
+def _causal_numden_bwd(qc, kc, vc, diag, st, gn, gd):
     """Gradients from those reaching the numerator (gn) and the denominator (gd, None
-    when not normalising): dq, dk, dv, dt, dy (None without gd), ddiag."""
-    w6 = st["w6"]
-    da = gn @ vc.transpose(-1, -2)
+    when not normalising): dq, dk, dv, dt, dy (None without gd), ddiag.
+
+    With `k' = w k` (`blocked.weighted_keys`), `A = tril(q k'^T)` and `X = T_i + R'_j`:
+    dA = tril(gn v^T + gd 1^T), dq = gn X^T + dA k' (+ gd Y^T), dk' = dA^T q + v dU'^T
+    (+ dU'_k), dv = A^T gn + k' dU', with `dU'_j = sum_{j' > j} q^T gn` over the
+    sub-chunks; then dk = w dk' and dw = sum over the block of dk' . k.
+    """
+    kw = st["kw"]
+    da = blocked.bmm(gn, vc.transpose(-1, -2))
     if gd is not None:
-        da = da + gd
-    da_w = da * st["mask"] * w6
-    dq = gn @ st["x"].transpose(-1, -2) + da_w @ kc
-    dk = da_w.transpose(-1, -2) @ qc
-    dv = st["a"].transpose(-1, -2) @ gn
-    dx = qc.transpose(-1, -2) @ gn  # [.., nc, d, dv]
-    du_kv = _reverse_exclusive_cumsum(w6 * dx, 3)
-    dk = dk + vc @ du_kv.transpose(-1, -2)
-    dv = dv + kc @ du_kv
-    ddiag_full = (dx * st["prev_kv"]).sum((-1, -2)) + (da * st["pm"]).sum((-1, -2))
+        da += gd
+    da.tril_()
+    dq = blocked.bmm_add_(blocked.bmm(gn, st["x"].transpose(-1, -2)), da, kw)
+    dkw = blocked.bmm(da.transpose(-1, -2), qc)
+    dv = blocked.bmm(st["a"].transpose(-1, -2), gn)
+    dx = blocked.bmm(qc.transpose(-1, -2), gn)  # [.., nc, d, dv]
+    du_kv = _reverse_exclusive_cumsum(dx, 3)
+    blocked.bmm_add_(dkw, vc, du_kv.transpose(-1, -2))
+    blocked.bmm_add_(dv, kw, du_kv)
     dy = None
     if gd is not None:
-        dq = dq + gd * st["ystate"].unsqueeze(-2)
+        dq.addcmul_(gd, st["ystate"].unsqueeze(-2))
         dys = (qc * gd).sum(-2)  # [.., nc, d]
         dy = dys.sum(3)
-        dk = dk + _reverse_exclusive_cumsum(w6[..., 0] * dys, 3).unsqueeze(-2)
-        ddiag_full = ddiag_full + (dys * st["prev_k"]).sum(-1)
-    ddiag = ddiag_full.sum((0, 3))  # [H, M]
-    if diag_heads == 1:
+        dkw += _reverse_exclusive_cumsum(dys, 3).unsqueeze(-2)
+    w6 = diag.reshape(1, diag.shape[0], diag.shape[1], 1, 1, 1).to(kc.dtype)
+    ddiag = (dkw * kc).sum((0, 3, 4, 5))  # [H, M]
+    if diag.shape[0] == 1:
         ddiag = ddiag.sum(0, keepdim=True)
-    return dq, dk, dv, dx.sum(3), dy, ddiag
+    return dq, dkw.mul_(w6), dv, dx.sum(3), dy, ddiag
 
 
 def causal_outputs_bwd(qc, kc, vc, t, y, diag, g, *, normalize, eps, scale):
     """Returns dq, dk, dv `[B, H, M, nc, c, *]`, dt, dy, ddiag (shapes of t, y, diag)."""
-    st = _causal_state(qc, kc, vc, t, y, diag)
-    num = qc @ st["x"] + st["a"] @ vc
-    den = (qc @ st["ystate"].unsqueeze(-1) + st["a"].sum(-1, keepdim=True) + eps
-           if normalize else None)
-    gn, gd = _grad_of_quotient(num, den, g, normalize, scale)
-    dq, dk, dv, dt, dy, ddiag = _causal_numden_bwd(qc, kc, vc, st, gn, gd, diag.shape[0])
+    st = _causal_state(qc, kc, vc, t, y, diag, normalize)
+    if normalize:
+        num = blocked.bmm_add_(blocked.bmm(qc, st["x"]), st["a"], vc)
+        den = blocked.bmm(qc, st["ystate"].unsqueeze(-1)).add_(
+            st["a"].sum(-1, keepdim=True)).add_(eps)
+        gn, gd = _grad_of_quotient(num, den, g, normalize, scale)
+    else:
+        gn, gd = g * scale, None
+    dq, dk, dv, dt, dy, ddiag = _causal_numden_bwd(qc, kc, vc, diag, st, gn, gd)
     return dq, dk, dv, dt, torch.zeros_like(y) if dy is None else dy, ddiag
 
 
 def causal_intra_bwd(qc, kc, vc, diag, g_num, g_den):
     """Gradients of the intra-block terms (`causal_numden` without t, y): dq, dk, dv
     `[B, H, M, nc, c, *]` and ddiag, given those of the numerator and denominator."""
-    st = _causal_state(qc, kc, vc, None, None, diag)
-    dq, dk, dv, _, _, ddiag = _causal_numden_bwd(qc, kc, vc, st, g_num, g_den, diag.shape[0])
+    st = _causal_state(qc, kc, vc, None, None, diag, g_den is not None)
+    dq, dk, dv, _, _, ddiag = _causal_numden_bwd(qc, kc, vc, diag, st, g_num, g_den)
     return dq, dk, dv, ddiag
 
 

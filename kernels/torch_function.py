@@ -146,9 +146,7 @@ class BlockIntra(torch.autograd.Function):
             qc, kc, vc = (blocked.to_subchunks(blocked.to_blocks(x[:, tok], block_size,
                                                                  b1 - b0, dtype), chunk)
                           for x in (q, k, v))
-            u_kv, u_k = blocked.summaries(kc, vc)
-            n_s, d_s = blocked.causal_numden(qc, kc, vc, u_kv, u_k, diag[:, b0:b1],
-                                             normalize=normalize)
+            n_s, d_s = blocked.causal_numden(qc, kc, vc, diag[:, b0:b1], normalize=normalize)
             num[:, :, b0:b1] = blocked.merge_subchunks(n_s, block_size)
             if normalize:
                 den[:, :, b0:b1] = blocked.merge_subchunks(d_s, block_size)
