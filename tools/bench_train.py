@@ -26,11 +26,12 @@ otherwise glibc returns every large buffer to the OS after use and each step pag
 its memory in again, timing the allocator rather than the model. Under `--dtype bf16` the
 module is bf16 and AdamW updates fp32 master copies, as DeepSpeed's bf16 optimizer does.
 
-At one N (`--breakdown-n`, default the largest) the MHLA child also runs hooked steps
+At one N (`--breakdown-n`, default the largest) each child also runs hooked steps
 that time the attention layers, the MLPs and the embedding + norms, forward and backward
 (module hooks, synchronised on GPU), and the optimizer; head + loss is the rest of the
 forward+backward (the output projection on the vocabulary, the cross-entropy, residual
-adds).
+adds). Where both models have a breakdown, the report adds the MHLA step without its
+attention over the softmax step: the least ratio that any attention could reach there.
 
 Prints a table, the breakdown and the issue's targets as PASS/FAIL; writes JSON, the
 printed text and a PNG (default benchmarks/results/bench_train_<cpu|cuda>.*).
@@ -185,8 +186,7 @@ def sweep(args) -> list[dict]:
     rows = []
     for n in args.ns:
         for attention in ("mhla", "softmax"):
-            spec = dict(base, attention=attention, n=n,
-                        with_breakdown=attention == "mhla" and n == args.breakdown_n)
+            spec = dict(base, attention=attention, n=n, with_breakdown=n == args.breakdown_n)
             if attention == "softmax" and args.softmax_max_n and n > args.softmax_max_n:
                 rows.append(dict(spec, status=f"skipped (N > --softmax-max-n "
                                               f"{args.softmax_max_n})"))
@@ -240,7 +240,8 @@ def table(rows) -> str:
 
 def breakdown_table(row: dict) -> str:
     b = row["breakdown"]
-    lines = [f"where the MHLA step goes at N={row['n']} (median of {b['steps']} hooked steps, "
+    who = "MHLA" if row["attention"] == "mhla" else "softmax"
+    lines = [f"where the {who} step goes at N={row['n']} (median of {b['steps']} hooked steps, "
              f"{b['total_ms']:.1f} ms; untimed step {row['step_ms']:.1f} ms)",
              f"{'part':<17}{'ms':>9}{'share':>8}{'forward':>10}{'backward':>10}"]
     for name, p in b["parts"].items():
@@ -248,6 +249,23 @@ def breakdown_table(row: dict) -> str:
               else "")
         lines.append(f"{name:<17}{p['ms']:>9.1f}{100 * p['fraction']:>7.1f}%{fb}")
     return "\n".join(lines)
+
+
+def without_attention(mhla: dict, softmax: dict) -> dict:
+    """What the MHLA step costs besides its attention layers (MLP, embedding + norms, head +
+    loss, optimizer: work the softmax model does too), against the whole softmax step at the
+    same N: the MHLA/softmax ratio that attention costing nothing would give."""
+    parts = mhla["breakdown"]["parts"]
+    rest = sum(p["ms"] for name, p in parts.items() if name != "attention")
+    return {"n": mhla["n"], "mhla_without_attention_ms": rest,
+            "softmax_step_ms": softmax["step_ms"], "ratio": rest / softmax["step_ms"]}
+
+
+def floor_line(floor: dict) -> str:
+    return (f"without its attention the MHLA step at N={floor['n']} would take "
+            f"{floor['mhla_without_attention_ms']:.1f} ms = {floor['ratio']:.3f} of the softmax "
+            f"step ({floor['softmax_step_ms']:.1f} ms): the least MHLA/softmax ratio reachable "
+            "there by attention work alone")
 
 
 def target_lines(found: dict) -> str:
@@ -267,7 +285,7 @@ def plot(rows, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    detail = next((r for r in rows if "breakdown" in r), None)
+    detail = next((r for r in rows if "breakdown" in r and r["attention"] == "mhla"), None)
     fig, axes = plt.subplots(1, 3 if detail else 2, figsize=(15 if detail else 10, 4.5))
     for attention in ("mhla", "softmax"):
         pts = sorted((r["n"], r["step_ms"], r["peak_bytes_per_token"] / 1024) for r in rows
@@ -394,7 +412,9 @@ def main(argv=None) -> None:
     load.append(os.getloadavg()[0])
     name = device_name(args.device)
     found = targets(rows)
-    detail = next((r for r in rows if "breakdown" in r), None)
+    detail = next((r for r in rows if "breakdown" in r and r["attention"] == "mhla"), None)
+    soft = next((r for r in rows if "breakdown" in r and r["attention"] == "softmax"), None)
+    floor = without_attention(detail, soft) if detail and soft else None
     m = models["mhla"]
     blocks = (f"C = {args.block_size}" if args.block_size
               else f"M = {args.num_blocks} blocks (C = N / {args.num_blocks})")
@@ -407,7 +427,8 @@ def main(argv=None) -> None:
                       "the sweep: other processes shared the CPU, the times are noisy")
     text = "\n".join(
         header + [table(rows), ""]
-        + ([breakdown_table(detail), ""] if detail else [])
+        + [breakdown_table(r) + "\n" for r in (detail, soft) if r]
+        + ([floor_line(floor), ""] if floor else [])
         + [target_lines(found)])
     print(text)
     report = {
@@ -418,6 +439,8 @@ def main(argv=None) -> None:
                    if k != "child"},
         "models": models, "targets": found,
         "breakdown": {"n": detail["n"], **detail["breakdown"]} if detail else None,
+        "softmax_breakdown": {"n": soft["n"], **soft["breakdown"]} if soft else None,
+        "without_attention": floor,
         "results": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

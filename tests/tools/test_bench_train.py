@@ -23,7 +23,7 @@ def test_cli_measures_every_point_and_writes_the_report(tmp_path):
     proc = subprocess.run(
         [sys.executable, "tools/bench_train.py", "--ns", "256,512", "--hidden", "32",
          "--heads", "2", "--num-blocks", "4", "--warmup", "1", "--steps", "1",
-         "--softmax-max-n", "256", "--out", str(out)],
+         "--softmax-max-n", "256", "--breakdown-n", "256", "--out", str(out)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "bench_train_cpu.json").read_text())
@@ -39,15 +39,24 @@ def test_cli_measures_every_point_and_writes_the_report(tmp_path):
     assert (rows["mhla", 512]["block_size"], rows["mhla", 512]["num_blocks"]) == (128, 4)
     assert report["models"]["softmax"]["softmax_layers"] == [0, 1]
     assert report["models"]["mhla"]["softmax_layers"] == []
-    # the breakdown at the largest N: every part timed, shares summing to one
+    # the breakdowns at --breakdown-n, of both models: every part timed, shares summing
+    # to one; the MHLA step without attention against the softmax step
+    for key in ("breakdown", "softmax_breakdown"):
+        parts = report[key]["parts"]
+        assert report[key]["n"] == 256
+        assert set(parts) == {"attention", "mlp", "embedding+norms", "head+loss", "optimizer"}
+        assert all(p["ms"] > 0 for p in parts.values())
+        assert abs(sum(p["fraction"] for p in parts.values()) - 1) < 1e-9
+    floor = report["without_attention"]
     parts = report["breakdown"]["parts"]
-    assert report["breakdown"]["n"] == 512
-    assert set(parts) == {"attention", "mlp", "embedding+norms", "head+loss", "optimizer"}
-    assert all(p["ms"] > 0 for p in parts.values())
-    assert abs(sum(p["fraction"] for p in parts.values()) - 1) < 1e-9
+    assert floor["mhla_without_attention_ms"] == sum(
+        p["ms"] for name, p in parts.items() if name != "attention")
+    assert floor["softmax_step_ms"] == rows["softmax", 256]["step_ms"]
     assert all(t["value"] is None for t in report["targets"].values())  # no 8K/16K/32K
     text = proc.stdout
-    assert "attention       N" in text and "where the MHLA step goes at N=512" in text
+    assert "attention       N" in text and "where the MHLA step goes at N=256" in text
+    assert "where the softmax step goes at N=256" in text
+    assert "without its attention the MHLA step at N=256 would take" in text
     assert "SKIP mhla_step_32k_over_8k" in text
     assert (out / "bench_train_cpu.txt").read_text().strip() in text
     assert (out / "bench_train_cpu.png").stat().st_size > 0
@@ -74,3 +83,13 @@ def test_targets_and_their_verdicts():
     assert "FAIL mhla_over_softmax_step_16k: 0.105" in text
     missing = bench_train.targets(rows[:2])
     assert all(t["value"] is None and t["met"] is None for t in missing.values())
+
+
+def test_without_attention_is_the_rest_of_the_mhla_step_over_the_softmax_step():
+    parts = {"attention": {"ms": 300.0}, "mlp": {"ms": 150.0}, "embedding+norms": {"ms": 20.0},
+             "head+loss": {"ms": 28.0}, "optimizer": {"ms": 2.0}}
+    mhla = dict(attention="mhla", n=16384, breakdown={"parts": parts})
+    got = bench_train.without_attention(mhla, dict(attention="softmax", step_ms=4000.0))
+    assert got == {"n": 16384, "mhla_without_attention_ms": 200.0, "softmax_step_ms": 4000.0,
+                   "ratio": 0.05}
+    assert "= 0.050 of the softmax step (4000.0 ms)" in bench_train.floor_line(got)
