@@ -2,7 +2,9 @@
 and the embedding + norms of an LM, forward and backward (for `tools/bench_train.py`).
 
 Head + loss is the rest of the forward+backward (the output projection on the vocabulary,
-the cross-entropy, residual adds); the optimizer is timed on its own.
+the cross-entropy, residual adds); the optimizer is timed on its own. Within the attention
+layers their linear projections (q, k, v, the gate, the output) are timed as well, a
+share of the attention's time (`projections_ms`), not a part of its own.
 """
 
 from __future__ import annotations
@@ -62,14 +64,20 @@ class ModuleTimer:
             h.remove()
 
 
+NESTED = "attention projections"
+
+
 def module_groups(model) -> dict:
     """attention, mlp, embedding + norms: the decoder layers' `attn` and `mlp`, and every
     other child of the layers and of the model (embedding, norms) except the layers and an
-    untied head (whose time, with the loss, is the forward+backward's rest)."""
-    groups = {"attention": [], "mlp": [], "embedding+norms": []}
+    untied head (whose time, with the loss, is the forward+backward's rest); and, nested in
+    the attention, its `*_proj` linears."""
+    groups = {"attention": [], "mlp": [], "embedding+norms": [], NESTED: []}
     for layer in model.layers:
         for name, child in layer.named_children():
             groups[{"attn": "attention", "mlp": "mlp"}.get(name, "embedding+norms")].append(child)
+        groups[NESTED] += [m for name, m in layer.attn.named_children()
+                           if name.endswith("_proj")]
     for name, child in model.named_children():
         if name not in ("layers", "head"):
             groups["embedding+norms"].append(child)
@@ -93,7 +101,7 @@ def breakdown(model, fwd_bwd, optim, steps: int, sync) -> dict:
             sync()
             t2 = time.perf_counter()
             row = {f"{name}_{phase}": 1e3 * t for (name, phase), t in timer.totals.items()}
-            hooked = sum(timer.totals.values())
+            hooked = sum(t for (name, _), t in timer.totals.items() if name != NESTED)
             row["head+loss_rest"] = 1e3 * (t1 - t0 - hooked)
             row["optimizer"], row["total"] = 1e3 * (t2 - t1), 1e3 * (t2 - t0)
             rows.append(row)
@@ -104,6 +112,7 @@ def breakdown(model, fwd_bwd, optim, steps: int, sync) -> dict:
     for name in groups:
         fwd, bwd = med.get(f"{name}_forward", 0.0), med.get(f"{name}_backward", 0.0)
         parts[name] = {"forward_ms": fwd, "backward_ms": bwd, "ms": fwd + bwd}
+    parts["attention"]["projections_ms"] = parts.pop(NESTED)["ms"]
     parts["head+loss"] = {"ms": med["head+loss_rest"]}
     parts["optimizer"] = {"ms": med["optimizer"]}
     parts_ms = sum(p["ms"] for p in parts.values())

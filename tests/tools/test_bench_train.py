@@ -47,6 +47,7 @@ def test_cli_measures_every_point_and_writes_the_report(tmp_path):
         assert set(parts) == {"attention", "mlp", "embedding+norms", "head+loss", "optimizer"}
         assert all(p["ms"] > 0 for p in parts.values())
         assert abs(sum(p["fraction"] for p in parts.values()) - 1) < 1e-9
+        assert 0 < parts["attention"]["projections_ms"] < parts["attention"]["ms"]
     floor = report["without_attention"]
     parts = report["breakdown"]["parts"]
     assert floor["mhla_without_attention_ms"] == sum(
@@ -86,10 +87,14 @@ def test_targets_and_their_verdicts():
 
 
 def test_without_attention_is_the_rest_of_the_mhla_step_over_the_softmax_step():
-    parts = {"attention": {"ms": 300.0}, "mlp": {"ms": 150.0}, "embedding+norms": {"ms": 20.0},
+    parts = {"attention": {"ms": 300.0, "projections_ms": 100.0}, "mlp": {"ms": 150.0},
+             "embedding+norms": {"ms": 20.0},
              "head+loss": {"ms": 28.0}, "optimizer": {"ms": 2.0}}
     mhla = dict(attention="mhla", n=16384, breakdown={"parts": parts})
     got = bench_train.without_attention(mhla, dict(attention="softmax", step_ms=4000.0))
     assert got == {"n": 16384, "mhla_without_attention_ms": 200.0, "softmax_step_ms": 4000.0,
-                   "ratio": 0.05}
-    assert "= 0.050 of the softmax step (4000.0 ms)" in bench_train.floor_line(got)
+                   "ratio": 0.05, "attention_projections_ms": 100.0,
+                   "ratio_with_projections": 0.075}
+    line = bench_train.floor_line(got)
+    assert "= 0.050 of the softmax step (4000.0 ms)" in line
+    assert "with the attention's projections (100.0 ms) it is 0.075" in line
