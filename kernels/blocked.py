@@ -121,7 +121,12 @@ def weighted_keys(kc: torch.Tensor, diag: torch.Tensor) -> torch.Tensor:
     `[1 or H, M]`). The intra-block term is causal linear attention on these keys: the
     earlier sub-chunks' state and the masked scores then carry the weight once, with no
     multiply on any score-sized tensor."""
-    return kc * diag.reshape(1, diag.shape[0], diag.shape[1], 1, 1, 1).to(kc.dtype)
+    return kc * diag_weights(diag, kc.dtype)
+
+
+def diag_weights(diag: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`Mc[i, i]` `[1 or H, M]` shaped to broadcast over sub-chunk blocks `[B, H, M, nc, c, d]`."""
+    return diag.reshape(1, diag.shape[0], diag.shape[1], 1, 1, 1).to(dtype)
 
 
 def exclusive_cumsum(x: torch.Tensor, dim: int) -> torch.Tensor:

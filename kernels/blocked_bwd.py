@@ -93,11 +93,10 @@ def _causal_numden_bwd(qc, kc, vc, diag, st, gn, gd):
         dys = (qc * gd).sum(-2)  # [.., nc, d]
         dy = dys.sum(3)
         dkw += _reverse_exclusive_cumsum(dys, 3).unsqueeze(-2)
-    w6 = diag.reshape(1, diag.shape[0], diag.shape[1], 1, 1, 1).to(kc.dtype)
     ddiag = (dkw * kc).sum((0, 3, 4, 5))  # [H, M]
     if diag.shape[0] == 1:
         ddiag = ddiag.sum(0, keepdim=True)
-    return dq, dkw.mul_(w6), dv, dx.sum(3), dy, ddiag
+    return dq, dkw.mul_(blocked.diag_weights(diag, kc.dtype)), dv, dx.sum(3), dy, ddiag
 
 
 def causal_outputs_bwd(qc, kc, vc, t, y, diag, g, *, normalize, eps, scale):
