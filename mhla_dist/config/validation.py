@@ -77,6 +77,10 @@ def _check_lm(m: LMConfig, cfg: Config, out: list[str]) -> None:
                    f"[0, {m.num_layers})")
     if m.loss_chunk_tokens is not None:
         _check_at_least(out, "model.loss_chunk_tokens", m.loss_chunk_tokens, 1)
+    for key in ("init_std", "embed_init_std"):
+        value = getattr(m, key)
+        if value is not None and not value > 0:
+            out.append(f"model.{key}={value} must be > 0")
     tp, cp = cfg.parallel.tp, cfg.parallel.cp
     if tp >= 1 and m.num_heads % tp:
         out.append(f"parallel.tp={tp} does not divide model.num_heads={m.num_heads}")

@@ -68,7 +68,7 @@ def load_source(source: str | Path) -> tuple[dict[str, torch.Tensor], LMConfig]:
 def hf_config(cfg: LMConfig) -> dict:
     fields = asdict(cfg)
     for key in ("kind", "activation_checkpointing", "loss_chunk_tokens", "num_blocks",
-                "init_std", "rope_per_document", "mixing_init"):
+                "init_std", "embed_init_std", "rope_per_document", "mixing_init"):
         fields.pop(key)
     return {**fields, "model_type": "mhla_lm", "architectures": ["MHLAForCausalLM"],
             "auto_map": AUTO_MAP, "max_position_embeddings": cfg.max_seq_len,

@@ -64,6 +64,8 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     (["checkpoint.keep_last=0"], r"checkpoint.keep_last=0 must be >= 1"),
     (["checkpoint.interval=-1"], r"checkpoint.interval=-1 must be >= 0"),
     (["optim.lr=0"], r"optim.lr=0.0 must be > 0"),
+    (["model.embed_init_std=0"], r"model.embed_init_std=0.0 must be > 0"),
+    (["model.init_std=-1"], r"model.init_std=-1.0 must be > 0"),
     (["optim.mixing_lr_scale=-1"], r"optim.mixing_lr_scale=-1.0 must be >= 0"),
     (["model.mixing_init=eye"], r"model.mixing_init='eye' is not one of average, identity, "),
     (["optim.betas=[0.9]"], r"optim.betas=\[0.9\] must be two numbers in \[0, 1\)"),

@@ -120,3 +120,11 @@ def test_mixing_init_ones_and_average_start_as_plain_linear_attention(init):
     assert torch.equal(eye.layers[0].attn.mixing, torch.eye(8))
     eye.load_state_dict(state, strict=False)
     assert rel_err(eye(tokens), one_block(tokens)) > 1e-3  # block-local differs
+
+
+def test_embed_init_std_sets_the_embedding_alone():
+    model = build(tie_embeddings=False, embed_init_std=1.0, vocab_size=512)
+    assert abs(model.embed.weight.std().item() - 1.0) < 0.05
+    assert abs(model.head.weight.std().item() - model.cfg.init_std) < 0.005
+    default = build(vocab_size=512)
+    assert abs(default.embed.weight.std().item() - default.cfg.init_std) < 0.005
