@@ -51,7 +51,7 @@ class LMConfig:
     norm_eps: float = 1e-6
     init_std: float = 0.02
     # The embedding's init std (default init_std; an untied head keeps init_std). MQAR
-    # learns its recall only from an embedding of std about 1: benchmarks/results/mqar_*.
+    # learns its recall only from an embedding of std about 1 (README, Evaluating).
     embed_init_std: float | None = None
     activation_checkpointing: bool = False
     # Tokens per chunk of the fused head + cross-entropy (default: 32 MiB of fp32 logits).
