@@ -38,9 +38,12 @@ def default_ffn(hidden: int) -> int:
 
 
 def resolve_lm(m: LMConfig) -> LMConfig:
-    """Fill the derived sizes (head_dim, ffn_hidden_size, block_size and num_blocks)."""
+    """Fill the derived values (head_dim, ffn_hidden_size, block_size, num_blocks and
+    embed_init_std, which defaults to init_std)."""
     block = lm_block_size(m)
+    embed_std = m.init_std if m.embed_init_std is None else m.embed_init_std
     return replace(m, head_dim=m.head_dim or m.hidden_size // m.num_heads,
+                   embed_init_std=embed_std,
                    ffn_hidden_size=m.ffn_hidden_size or default_ffn(m.hidden_size),
                    block_size=block, num_blocks=m.max_seq_len // block)
 

@@ -119,9 +119,8 @@ class MHLALanguageModel(nn.Module):
                  sequence_parallel: bool = False) -> None:
         super().__init__()
         self.cfg = cfg = resolve_lm(cfg)
-        embed_std = cfg.init_std if cfg.embed_init_std is None else cfg.embed_init_std
         self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size,
-                                            init_std=embed_std, tp_group=tp_group)
+                                            init_std=cfg.embed_init_std, tp_group=tp_group)
         sp = self.sequence_parallel = sequence_parallel and self.embed.tp > 1
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, tp_group=tp_group, cp_group=cp_group,
                                                  sequence_parallel=sp)

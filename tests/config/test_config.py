@@ -11,6 +11,8 @@ def test_defaults_and_overrides_resolve_the_lm_sizes():
     assert isinstance(cfg.model, LMConfig) and cfg.train.steps == 7
     assert (cfg.model.head_dim, cfg.model.block_size, cfg.model.num_blocks) == (32, 64, 4)
     assert cfg.model.ffn_hidden_size == 256  # 8/3 x 96 rounded up to a multiple of 64
+    assert cfg.model.embed_init_std == cfg.model.init_std == 0.02
+    assert load_config(None, ["model.embed_init_std=1.5"]).model.embed_init_std == 1.5
 
 
 def test_yaml_defaults_include_other_files(tmp_path):
