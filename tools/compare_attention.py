@@ -26,7 +26,7 @@ Widths (`model.hidden_size`) keep the preset's head dim (32): `model.num_heads =
 width / head_dim`, so a wider model has more heads of the same size and every variant's
 attention reads the same head shape. `train.seed` sets the initialisation; the data
 (`data.seed`) and so the eval set are the same sequences in every run. A run trains
-`--steps` steps (cosine, warmup min(100, steps / 10)) and evaluates at the end
+`--steps` steps (the preset's schedule, warmup min(100, steps / 10)) and evaluates at the end
 (`train.eval_interval = steps`, or every `--eval-interval` steps: the final eval counts,
 the best one is kept beside it).
 
