@@ -15,6 +15,9 @@ variant as config overrides:
 - `mhla-mc10`: the same with Mc's learning rate 10x the others' (`optim.mixing_lr_scale`):
   at initialisation MHLA computes linear attention (DESIGN §1's row average, undone by the
   output norm) and departs from it only as Mc learns.
+- `mhla-mc0.1`: Mc's learning rate a tenth of the others'. Adam moves every weight by about
+  the learning rate per step whatever its scale, and the row average's entries are 1/i:
+  at 1e-3, an entry of 1/16 can double in ~60 steps.
 - `linear`: plain causal linear attention, one block (`model.block_size = L`, M = 1).
 - `block-local`: Mc the identity and frozen (`model.mixing_init=identity
   optim.mixing_lr_scale=0`): each block attends only to itself.
@@ -67,8 +70,8 @@ log = logging.getLogger("compare_attention")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the repo root first, as a script
 
-VARIANTS = ("mhla", "mhla-mc10", "linear", "block-local", "softmax", "hybrid")
-MC_LR_SCALE = 10.0  # mhla-mc10: Mc's learning rate over the other weights
+VARIANTS = ("mhla", "mhla-mc10", "mhla-mc0.1", "linear", "block-local", "softmax", "hybrid")
+MC_LR_SCALES = {"mhla-mc10": 10.0, "mhla-mc0.1": 0.1}  # Mc's learning rate over the others'
 PRESETS = ROOT / "configs" / "eval"
 # A child must be a world of one: a launcher's (or an earlier test's) variables would make
 # it wait for peers, and two children would share a port.
@@ -103,8 +106,8 @@ def variant_overrides(variant: str, *, num_layers: int, seq_len: int,
     blocks = [f"model.block_size={block_size}", "model.num_blocks=null"]
     if variant == "mhla":
         return blocks
-    if variant == "mhla-mc10":
-        return blocks + [f"optim.mixing_lr_scale={MC_LR_SCALE:g}"]
+    if variant in MC_LR_SCALES:
+        return blocks + [f"optim.mixing_lr_scale={MC_LR_SCALES[variant]:g}"]
     if variant == "linear":
         return [f"model.block_size={seq_len}", "model.num_blocks=null"]
     if variant == "block-local":

@@ -88,6 +88,8 @@ def test_variant_overrides_cover_the_grid():
         assert layers == {"softmax": "[0,1,2,3,4,5,6,7]", "hybrid": "[3,7]"}.get(r["variant"])
         block_local = {"model.mixing_init": "identity", "optim.mixing_lr_scale": "0"}
         assert (block_local.items() <= o.items()) == (r["variant"] == "block-local")
+        mc_scale = {"mhla-mc10": "10", "mhla-mc0.1": "0.1", "block-local": "0"}
+        assert o.get("optim.mixing_lr_scale") == mc_scale.get(r["variant"])
 
 
 def test_hybrid_of_a_shallow_model_uses_its_last_layer_and_blocks_override_the_preset():
