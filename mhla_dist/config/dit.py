@@ -21,6 +21,7 @@ from mhla_kernels import FEATURE_MAPS
 MIXING_INITS = ("linear", "cos", "exp", "local")
 ARCHS = ("dit", "wan")
 POS_EMBEDS = ("sincos", "learned", "rope")
+PREDICTIONS = ("velocity", "sample")
 # feature_map="identity" needs normalize=False; the DiT's attention normalises.
 DIT_FEATURE_MAPS = tuple(f for f in FEATURE_MAPS if f != "identity")
 
@@ -74,6 +75,13 @@ class DiTConfig:
             (the unconditional caption of guidance) in training
             (`rectified_flow.drop_captions`); drawn independently of the label's.
         activation_checkpointing: recompute every block in the backward pass.
+        prediction: what the network's last layer predicts. "velocity" (the default; SD3,
+            Wan): the rectified-flow velocity itself. "sample": the clean clip `x0`
+            (x-prediction, Li & He 2025, "Back to Basics: Let Denoising Generative Models
+            Denoise"), turned into the velocity `(x_t - x0) / max(t, 0.05)` inside the
+            model, so the loss, the sampler and guidance see a velocity either way. It
+            learns faster when a patch holds as many values as the hidden size or more,
+            e.g. pixel-space DiTs with large patches (configs/dit/quickstart_video.yaml).
     """
 
     kind: str = "dit"
@@ -105,6 +113,7 @@ class DiTConfig:
     class_dropout: float = 0.1
     caption_dropout: float = 0.1
     activation_checkpointing: bool = False
+    prediction: str = "velocity"
 
     # ---- derived sizes -------------------------------------------------------------
     @property
@@ -195,7 +204,8 @@ class DiTConfig:
             if not getattr(self, key) > 0:
                 raise ValueError(f"{key}={getattr(self, key)} must be > 0")
         for key, allowed in (("arch", ARCHS), ("mixing_init", MIXING_INITS),
-                             ("feature_map", DIT_FEATURE_MAPS), ("pos_embed", POS_EMBEDS)):
+                             ("feature_map", DIT_FEATURE_MAPS), ("pos_embed", POS_EMBEDS),
+                             ("prediction", PREDICTIONS)):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key}={getattr(self, key)!r} is not one of "
                                  f"{', '.join(map(repr, allowed))}")

@@ -47,6 +47,20 @@ def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return noise - x0
 
 
+# Under `prediction="sample"` the velocity `(x_t - x0) / t` divides by at least this: near
+# t = 0 it would otherwise amplify the network's error without bound (JiT clips alike).
+SAMPLE_PREDICTION_MIN_T = 0.05
+
+
+def velocity_from_sample(x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The velocity `(x_t - x0) / max(t, SAMPLE_PREDICTION_MIN_T)` that a predicted clean
+    sample `x0` implies at `x_t` (`x_t = (1 - t) x0 + t noise` gives `noise - x0 = (x_t - x0)
+    / t`); one `t` per sample (`[B]`), computed in fp32 at least, returned in `x0.dtype`."""
+    dtype = torch.promote_types(x0.dtype, torch.float32)
+    t = _per_sample(t.clamp_min(SAMPLE_PREDICTION_MIN_T), x0).to(dtype)
+    return ((x_t.to(dtype) - x0.to(dtype)) / t).to(x0.dtype)
+
+
 def sample_timesteps(batch: int, *, mean: float = 0.0, std: float = 1.0,
                      generator: torch.Generator | None = None, device=None,
                      dtype: torch.dtype = torch.float32) -> torch.Tensor:

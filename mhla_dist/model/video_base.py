@@ -20,6 +20,7 @@ from mhla_dist.parallel import gather_from_group
 
 from .dit_layers import CaptionEmbedder, LabelEmbedder, TimestepEmbedder, resolve_groups
 from .patchify import patchify, unpatchify
+from .rectified_flow import velocity_from_sample
 from .wan_layers import TextEmbedder
 
 
@@ -141,9 +142,13 @@ class VideoTransformer(nn.Module):
                 text_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Noisy clip `[B, C, F, H, W]` (the same on every CP and TP rank), time `t [B]` in
         [0, 1] and the conditioning (module docstring) -> the predicted velocity for this
-        CP rank's tokens, `[B, N/cp, C*pt*ph*pw]`."""
-        return self.forward_tokens(self.local_tokens(clip), t, labels, caption, text,
-                                   text_mask)
+        CP rank's tokens, `[B, N/cp, C*pt*ph*pw]`. Under `prediction="sample"` the
+        network's output is the clean clip, turned into that velocity here."""
+        tokens = self.local_tokens(clip)
+        out = self.forward_tokens(tokens, t, labels, caption, text, text_mask)
+        if self.cfg.prediction == "sample":
+            out = velocity_from_sample(tokens, out, t)
+        return out
 
     def velocity(self, clip: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None,
                  caption: torch.Tensor | None = None, text: torch.Tensor | None = None,

@@ -12,14 +12,14 @@ from tests.parallel.harness import run_ranks
 
 B = 2
 # Hybrid (an MHLA and a softmax block) with a caption; the second adds a learned position
-# embedding, per-head Mc, activation checkpointing and caption tokens (cross-attention,
-# padding masked); the third is arch wan (q/k norms across the TP-split heads, 3-D RoPE)
-# with caption tokens and a softmax block.
+# embedding, per-head Mc, activation checkpointing, caption tokens (cross-attention,
+# padding masked) and x-prediction (`prediction="sample"`); the third is arch wan (q/k
+# norms across the TP-split heads, 3-D RoPE) with caption tokens and a softmax block.
 CONFIGS = {
     "hybrid-caption": dict(softmax_layers=[1], caption_dim=8),
     "learned-perhead-ckpt-text": dict(
         softmax_layers=[0], pos_embed="learned", per_head_mixing=True,
-        activation_checkpointing=True, mixing_init="exp", text_dim=8),
+        activation_checkpointing=True, mixing_init="exp", text_dim=8, prediction="sample"),
     "wan-text-hybrid-perhead": dict(arch="wan", pos_embed="rope", text_dim=8, num_classes=0,
                                     softmax_layers=[1], per_head_mixing=True),
 }
