@@ -20,6 +20,18 @@ from mhla_dist.data.writing import ShardSink, ShardSummary, clip_sample
 
 SHAPES = ("square", "disc", "triangle", "ring")
 CAPTION_NOISE = 0.1  # per-clip noise on a caption, relative to its unit-norm class prototype
+# A shape's radius is drawn uniformly from this range, in frame sizes: at 16 pixels these
+# are 2-3.5 pixel radii, where a ring is barely a ring; `radius` widens it.
+DEFAULT_RADIUS = (0.12, 0.22)
+
+
+def check_radius(radius) -> tuple[float, float]:
+    """`(min, max)` radius as fractions of the frame size, or a ValueError naming it."""
+    lo, hi = (float(x) for x in radius)
+    if not 0 < lo <= hi < 0.5:
+        raise ValueError(f"radius={tuple(radius)} must be (min, max) fractions of the frame "
+                         "size with 0 < min <= max < 0.5 (a shape fits inside the frame)")
+    return lo, hi
 
 
 def _mask(shape: int, dy: np.ndarray, dx: np.ndarray, r: float) -> np.ndarray:
@@ -33,11 +45,14 @@ def _mask(shape: int, dy: np.ndarray, dx: np.ndarray, r: float) -> np.ndarray:
     return (d2 <= r * r) & (d2 >= (0.55 * r) ** 2)
 
 
-def synthetic_clip(index: int, *, frames: int, size: int, seed: int = 0) -> tuple[np.ndarray, int]:
-    """`(clip uint8 [frames, size, size, 3], label)` for clip `index`."""
+def synthetic_clip(index: int, *, frames: int, size: int, seed: int = 0,
+                   radius: tuple[float, float] = DEFAULT_RADIUS) -> tuple[np.ndarray, int]:
+    """`(clip uint8 [frames, size, size, 3], label)` for clip `index`; the shape's radius
+    is drawn from `radius` (fractions of `size`)."""
+    lo, hi = check_radius(radius)
     rng = np.random.default_rng([seed, index])
     label = int(rng.integers(len(SHAPES)))
-    r = size * rng.uniform(0.12, 0.22)
+    r = size * rng.uniform(lo, hi)
     pos = rng.uniform(r, size - r, 2)
     vel = rng.uniform(-1, 1, 2) * size / max(frames, 1) * 0.8
     color = rng.integers(120, 256, 3).astype(np.uint8)
@@ -93,23 +108,27 @@ def synthetic_text(index: int, label: int, caption_dim: int, max_tokens: int,
     return (tokens + CAPTION_NOISE * rng.standard_normal(tokens.shape)).astype(np.float32)
 
 
-def synthetic_clips(num_clips: int, *, frames: int, size: int, seed: int = 0
+def synthetic_clips(num_clips: int, *, frames: int, size: int, seed: int = 0,
+                    radius: tuple[float, float] = DEFAULT_RADIUS
                     ) -> Iterator[tuple[np.ndarray, int]]:
     for i in range(num_clips):
-        yield synthetic_clip(i, frames=frames, size=size, seed=seed)
+        yield synthetic_clip(i, frames=frames, size=size, seed=seed, radius=radius)
 
 
 def write_synthetic_video(output: str | Path, *, num_clips: int, frames: int, size: int,
                           seed: int = 0, clips_per_shard: int = 64, caption_dim: int = 0,
                           caption_seed: int | None = None,
-                          text_tokens: int = 0) -> ShardSummary:
+                          text_tokens: int = 0,
+                          radius: tuple[float, float] = DEFAULT_RADIUS) -> ShardSummary:
     """Write `num_clips` synthetic clips as clip shards under `output`.
 
     `caption_dim > 0` adds a caption embedding `emb.npy` to every clip (`synthetic_caption`,
     drawn from `caption_seed`, default `seed`: a different one changes the captions, not
     the clips); with `text_tokens > 0` it is caption tokens `[L, caption_dim]`,
     `L <= text_tokens` (`synthetic_text`), for models that cross-attend (`text_dim`).
+    `radius`: the shapes' (min, max) radius as fractions of `size`.
     """
+    radius = check_radius(radius)
     if isinstance(text_tokens, bool) or not isinstance(text_tokens, int) or text_tokens < 0:
         raise ValueError(f"text_tokens={text_tokens!r} must be an integer >= 0 (0 = a pooled "
                          "caption)")
@@ -120,13 +139,14 @@ def write_synthetic_video(output: str | Path, *, num_clips: int, frames: int, si
                          f"captions)")
     caption_seed = seed if caption_seed is None else caption_seed
     meta = {"kind": "video", "generator": "synthetic moving shapes", "classes": list(SHAPES),
-            "clip_shape": [frames, size, size, 3], "seed": seed, "caption_dim": caption_dim}
+            "clip_shape": [frames, size, size, 3], "seed": seed, "caption_dim": caption_dim,
+            "radius": list(radius)}
     if caption_dim:
         meta["caption_seed"] = caption_seed
         meta["text_tokens"] = text_tokens
     with ShardSink(output, prefix="clips", maxcount=clips_per_shard, meta=meta) as sink:
         for i, (clip, label) in enumerate(synthetic_clips(num_clips, frames=frames, size=size,
-                                                          seed=seed)):
+                                                          seed=seed, radius=radius)):
             if text_tokens:
                 caption = synthetic_text(i, label, caption_dim, text_tokens, caption_seed)
             elif caption_dim:

@@ -136,3 +136,34 @@ def test_prepare_video_with_a_vae(tmp_path, capsys):
         prepare_video.main([*common, "--frames", "6", "--output", str(tmp_path / "bad"),
                             "--vae", str(vae_dir)])
     assert exc.value.code == 2 and "nearest 5 or 9" in capsys.readouterr().err
+
+
+def _shape_widths(pattern: str, shape: tuple) -> list[int]:
+    """The width in pixels of each clip's shape in its first frame (bright pixels: the
+    background is below 24, a shape's colour 120 or more)."""
+    (batch,) = list(video_loader(pattern, batch_size=64, num_epochs=1, clip_shape=shape))
+    bright = (batch["clip"][:, 0].max(-1).values >= 100)  # [B, H, W]
+    return [int(b.any(0).sum()) for b in bright]
+
+
+def test_make_synthetic_video_radius(tmp_path, capsys):
+    """--radius sets the shapes' size (recorded in clips.json); bad ranges are named."""
+    widths = {}
+    for name, radius in (("default", []), ("big", ["--radius", "0.3", "0.3"])):
+        out = tmp_path / name
+        assert make_synthetic_video.main(["--output", str(out), "--num-clips", "64",
+                                          "--frames", "2", "--size", "32", *radius]) == 0
+        index = json.loads((out / "clips.json").read_text())
+        widths[name] = _shape_widths(index["pattern"], (2, 32, 32, 3))
+    assert index["radius"] == [0.3, 0.3]
+    # Default radii are 0.12-0.22 x 32 = 3.8-7 pixels, 0.3 x 32 = 9.6: a shape is at most
+    # 2r + 1 wide, and a square, disc or ring at least 2r - 1 (triangles are narrower).
+    assert max(widths["default"]) <= 2 * 7.04 + 1
+    assert min(widths["big"]) >= 2 * 9.6 * 0.5 and max(widths["big"]) <= 2 * 9.6 + 1
+    assert np.median(widths["big"]) > np.median(widths["default"]) + 4
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        make_synthetic_video.main(["--output", str(tmp_path / "bad"), "--num-clips", "1",
+                                   "--radius", "0.3", "0.6"])
+    assert "--radius 0.3 0.6: radius=(0.3, 0.6) must be (min, max) fractions" in \
+        capsys.readouterr().err
