@@ -3,6 +3,7 @@ data, 2-process CP=2 training, the loss curve, the labelled grid and the GIF."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -41,3 +42,7 @@ def test_quickstart_video_smoke(tmp_path):
     with Image.open(samples / "samples.gif") as gif:  # one GIF frame per clip frame
         assert gif.n_frames == 4 and gif.size == (8 * 96 + 7 * 2, 14 + 96)
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["eval", "train"]
+    # The quickstart's recipe: shapes large enough to tell apart at 16x16, x-prediction.
+    clips = json.loads((tmp_path / "data" / "train" / "clips.json").read_text())
+    assert clips["radius"] == [0.2, 0.32]
+    assert "prediction: sample" in (run / "config.yaml").read_text()
