@@ -69,9 +69,13 @@ def _case(cfg_overrides, tp_group, cp_group, solo, sp=False):
         errs["velocity"] = rel_err(model.velocity(clip, t, *cond), ref.velocity(clip, t, *cond))
     ref_grads = full_grads(ref, solo)
     grads = full_grads(model, tp_group)
+    # A gradient that is analytically zero (a softmax layer's key bias: it shifts every
+    # score of a query alike) holds only rounding noise, which scales with the whole
+    # gradient (x-prediction's 1/t makes it ~50x larger): compare it to that scale.
+    floor = 1e-7 * torch.stack([g.norm() for g in ref_grads.values()]).norm().item()
     for name, g in grads.items():
         dist.all_reduce(g, group=cp_group)
-        errs[f"d{name}"] = rel_err(g, ref_grads[name], floor=1e-8)
+        errs[f"d{name}"] = rel_err(g, ref_grads[name], floor=floor)
     errs["nonzero-grads"] = float(sum(g.norm() == 0 for g in ref_grads.values()))
     return errs
 
