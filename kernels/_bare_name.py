@@ -2,7 +2,7 @@
 
 This folder installs as `mhla_kernels`. Run from a checkout (`python -m ...` in the repo
 root, pytest's rootdir on `sys.path`, a tool that puts the root first), the folder also
-shadows `import kernels` for every library in the process. transformers (>= 5.x requires
+shadows `import kernels` for every library in the process. transformers (5.25 requires
 that package) and diffusers import it when it is installed: they would get this operator
 instead, and fail (`cannot import name 'CUDAProperties' from 'kernels'`). `hand_over` gives
 such an import the real package, or fails as if this folder were not there.
